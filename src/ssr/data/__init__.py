@@ -1,0 +1,1 @@
+"""Datasets, transforms, rare class sampling, the LightningDataModule and the synthetic dataset."""

@@ -1,0 +1,59 @@
+"""The 19 Cityscapes evaluation classes, their ids, palette and thing subset (ALGORITHM.md §7.1).
+
+Everything that names a class or maps a label id reads it from here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_INDEX = 255
+NUM_CLASSES = 19
+
+CLASSES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+
+# Cityscapes (and GTA5) label id of each train id, in train-id order.
+TRAIN_ID_TO_LABEL_ID: tuple[int, ...] = (
+    7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33,
+)  # fmt: skip
+
+# Classes whose ImageNet features the feature distance preserves (DAFormer "things").
+THING_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+
+# Normalisation of every network input (mmseg's ImageNet statistics, RGB, 0-255 scale).
+# SAM's own pixel_mean / pixel_std are the same numbers; ssr.uda checks that rather than assuming.
+MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
+STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+
+def label_id_lut() -> np.ndarray:
+    """(256,) uint8 lookup table: Cityscapes label id -> train id, every other value -> 255."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for train_id, label_id in enumerate(TRAIN_ID_TO_LABEL_ID):
+        lut[label_id] = train_id
+    return lut
+
+
+def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
+    """Map an integer array of Cityscapes label ids to uint8 train ids (255 = ignore)."""
+    if label_ids.dtype != np.uint8:
+        label_ids = np.where((label_ids >= 0) & (label_ids < 256), label_ids, 0).astype(np.uint8)
+    return label_id_lut()[label_ids]
+
+
+def colorize(train_ids: np.ndarray) -> np.ndarray:
+    """(H, W) train ids -> (H, W, 3) uint8 Cityscapes colours; ignore and unknown ids are black."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:NUM_CLASSES] = np.asarray(PALETTE, dtype=np.uint8)
+    return lut[train_ids.astype(np.uint8)]

@@ -1,0 +1,1 @@
+"""Training-only UDA machinery (EMA teacher, ClassMix/strong augmentation, MIC masking, losses)."""

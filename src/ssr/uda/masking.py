@@ -1,0 +1,53 @@
+"""MIC's random block masks for the masked image consistency loss; ALGORITHM.md §5.2 (step 3).
+
+The masker has no parameters (MIC(DAFormer) reuses the DACS teacher and pseudo-labels), so it is a
+plain callable rather than an `nn.Module`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class BlockMasker:
+    """Zero out random square blocks of normalised images (zero = the ImageNet mean colour).
+
+    Args:
+        block_size: block side in pixels (32 for 512-pixel crops; MIC(HRDA) uses 64 at 1024).
+        ratio: probability that a block is masked (0.7: about 30 % of the image stays visible).
+    """
+
+    def __init__(self, block_size: int = 32, ratio: float = 0.7) -> None:
+        if block_size <= 0:
+            raise ValueError(f"MIC block_size={block_size} must be a positive number of pixels")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"MIC mask ratio={ratio} must be in [0, 1]")
+        self.block_size = block_size
+        self.ratio = ratio
+
+    def mask(
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Binary keep-mask (B, 1, H, W) float for images of `shape` (B, C, H, W).
+
+        One U(0, 1) draw per cell of a round(H/b) × round(W/b) grid (Python rounding, as the
+        reference); a cell is kept if its draw exceeds `ratio`; nearest upsampling to H × W.
+        """
+        b, _, h, w = shape
+        cells = (b, 1, max(round(h / self.block_size), 1), max(round(w / self.block_size), 1))
+        gen_device = generator.device if generator is not None else device
+        u = torch.rand(cells, generator=generator, device=gen_device)
+        keep = (u > self.ratio).float().to(device)
+        return F.interpolate(keep, size=(h, w), mode="nearest")
+
+    def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Masked copy of normalised images (B, C, H, W)."""
+        return img * self.mask(img.shape, img.device, generator).to(img.dtype)
+
+    def __repr__(self) -> str:
+        return f"BlockMasker(block_size={self.block_size}, ratio={self.ratio})"

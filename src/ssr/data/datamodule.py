@@ -1,0 +1,275 @@
+"""The UDA LightningDataModule: GTA5 source crops (RCS or uniform) + Cityscapes target crops.
+
+ALGORITHM.md §4.1/§4.2/§10 item 6. Training is iteration-based: the train loader never ends
+(Lightning's ``max_steps`` stops it). Training sample ``i`` is a pure function of (seed, i): the
+source draw (RCS class and file, or a uniform file), the independent uniform target draw and the
+augmentation seeds all come from ``np.random.default_rng([seed, i])``. Batches therefore do not
+depend on ``num_workers`` or on worker seeding, and the checkpointed state is just the seed and the
+next sample index (``state_dict``/``load_state_dict``, which Lightning stores in checkpoints).
+Batches carry their sample indices, so the datamodule counts what training actually consumed
+(not what the loader prefetched) and a resumed run continues exactly where the checkpoint was.
+The seed defaults to ``torch.initial_seed()`` at setup, i.e. the global seed after
+``lightning.seed_everything``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ssr.data.datasets import CityscapesDataset, GTA5Dataset
+from ssr.data.rcs import RareClassSampler
+from ssr.data.transforms import source_train_transform, target_train_transform, test_transform
+
+
+@dataclass(frozen=True)
+class RCSConfig:
+    """Rare class sampling hyper-parameters (§4.2); a typo in the config fails here."""
+
+    temperature: float = 0.01
+    min_pixels: int = 3000
+    min_crop_ratio: float = 0.5
+
+
+def _seed_transform(transform: Any, seed: int) -> None:
+    # One shared generator pair for the whole Compose, so crop and flip draw from one stream.
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+class UDATrainDataset(Dataset):
+    """Training pairs of §4.1: {src_img, src_lbl[, tgt_img], index}, a pure function of (seed, i).
+
+    With RCS the source crop is re-drawn (new crop and flip, same file) up to ``max_rcs_tries``
+    times until it keeps enough pixels of the drawn class; the next draw is accepted unchecked.
+    """
+
+    def __init__(
+        self,
+        source: GTA5Dataset,
+        target: CityscapesDataset | None,
+        rcs: RareClassSampler | None,
+        seed: int,
+        max_rcs_tries: int = 10,
+    ):
+        self.source, self.target, self.rcs = source, target, rcs
+        self.seed = seed
+        self.max_rcs_tries = max_rcs_tries
+
+    def __len__(self) -> int:
+        # Nominal size, as the reference's |source|·|target|; the sampler ignores it.
+        return len(self.source) * (len(self.target) if self.target is not None else 1)
+
+    def draw(self, index: int) -> tuple[int, int | None, int | None, int, int]:
+        """(source index, RCS class or None, target index or None, source seed, target seed)."""
+        rng = np.random.default_rng([self.seed, index])
+        if self.rcs is not None:
+            class_id, name = self.rcs.sample(rng)
+            src_index: int = self.source.label_index[name]
+        else:
+            class_id, src_index = None, int(rng.integers(len(self.source)))
+        tgt_index = int(rng.integers(len(self.target))) if self.target is not None else None
+        src_seed, tgt_seed = (int(s) for s in rng.integers(2**63, size=2))
+        return src_index, class_id, tgt_index, src_seed, tgt_seed
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        src_index, class_id, tgt_index, src_seed, tgt_seed = self.draw(index)
+        image, label = self.source.read(src_index)
+        _seed_transform(self.source.transform, src_seed)
+        for attempt in range(self.max_rcs_tries + 1):
+            src = self.source.make_item(src_index, image, label)
+            if class_id is None or attempt == self.max_rcs_tries:
+                break
+            assert self.rcs is not None
+            if self.rcs.accepts(src["label"], class_id):
+                break
+        out = {"src_img": src["img"], "src_lbl": src["label"], "index": torch.tensor(index)}
+        if self.target is not None and tgt_index is not None:
+            _seed_transform(self.target.transform, tgt_seed)
+            tgt_image, _ = self.target.read(tgt_index)
+            out["tgt_img"] = self.target.make_item(tgt_index, tgt_image, None)["img"]
+        return out
+
+
+class InfiniteIndexSampler(Sampler[int]):
+    """Yields 0, 1, 2, ... from ``position`` forever; ``position`` is the resumable state.
+
+    It runs in the main process ahead of training by the loader's prefetch, so the datamodule
+    prefers the consumed count it reads from the batches (see ``UDADataModule.state_dict``).
+    """
+
+    def __init__(self, position: int = 0):
+        self.position = position
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            index = self.position
+            self.position += 1
+            yield index
+
+
+def _pair(value: Sequence[int], name: str) -> tuple[int, int]:
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) <= 0:
+        raise ValueError(f"data.{name} must be two positive ints, got {list(value)}")
+    return pair  # type: ignore[return-value]
+
+
+class UDADataModule(LightningDataModule):
+    """GTA5 -> Cityscapes data for UDA training and Cityscapes validation.
+
+    Train batch: ``src_img`` (B, 3, h, w) normalised, ``src_lbl`` (B, h, w) int64 (255 = ignore),
+    ``tgt_img`` (B, 3, h, w) (absent with ``with_target=False``, for source-only runs),
+    ``index`` (B,) int64 sample indices (what makes resuming exact).
+    Val/test batch (batch size 1): ``img`` (1, 3, h', w') at test scale, ``label`` (1, H, W)
+    int64 at full resolution, ``path``, ``ori_size``.
+
+    Args:
+        source_root: GTA5 root (images/, labels/ with *_labelTrainIds.png, RCS json files).
+        target_root: Cityscapes root (leftImg8bit/, gtFine/ with *_labelTrainIds.png).
+        source_resize, target_resize, test_resize: keep-ratio (long, short) scales (§4.1, §3.2).
+        crop_size: (height, width) of both training crops.
+        cat_max_ratio: source crop class-ratio limit (the target never uses one).
+        rcs: rare class sampling parameters (``RCSConfig`` fields) or None for uniform sampling.
+        val_split: Cityscapes split used for validation and test.
+        with_target: also load target training crops (False: source-only baseline).
+        align_label_to_image: deviation from the reference, see ``GTA5Dataset``.
+        seed: seed of the training sample stream; None = ``torch.initial_seed()`` at setup.
+    """
+
+    def __init__(
+        self,
+        source_root: str,
+        target_root: str,
+        source_resize: Sequence[int] = (1280, 720),
+        target_resize: Sequence[int] = (1024, 512),
+        crop_size: Sequence[int] = (512, 512),
+        cat_max_ratio: float = 0.75,
+        test_resize: Sequence[int] = (1024, 512),
+        batch_size: int = 2,
+        num_workers: int = 4,
+        rcs: Mapping[str, float] | RCSConfig | None = None,
+        val_split: str = "val",
+        with_target: bool = True,
+        align_label_to_image: bool = False,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        self.source_root, self.target_root = str(source_root), str(target_root)
+        self.source_resize = _pair(source_resize, "source_resize")
+        self.target_resize = _pair(target_resize, "target_resize")
+        self.crop_size = _pair(crop_size, "crop_size")
+        self.test_resize = _pair(test_resize, "test_resize")
+        self.cat_max_ratio = cat_max_ratio
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.rcs_config = rcs if isinstance(rcs, RCSConfig) or rcs is None else RCSConfig(**rcs)
+        self.val_split, self.with_target = val_split, with_target
+        self.align_label_to_image = align_label_to_image
+        self.seed = seed
+        self.next_index = 0
+        self.rcs_sampler: RareClassSampler | None = None
+        self.train_set: UDATrainDataset | None = None
+        self.val_set: CityscapesDataset | None = None
+        self._train_sampler: InfiniteIndexSampler | None = None
+        self._consumed: int | None = None  # samples training has seen, from batch indices
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets; every layout problem surfaces here as a DatasetError."""
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._build_train_set()
+        if self.val_set is None:
+            self.val_set = CityscapesDataset(
+                self.target_root, self.val_split, test_transform(self.test_resize), label=True
+            )
+
+    def _build_train_set(self) -> UDATrainDataset:
+        source = GTA5Dataset(
+            self.source_root,
+            source_train_transform(self.source_resize, self.crop_size, self.cat_max_ratio),
+            align_label_to_image=self.align_label_to_image,
+        )
+        target = None
+        if self.with_target:
+            target = CityscapesDataset(
+                self.target_root,
+                "train",
+                target_train_transform(self.target_resize, self.crop_size),
+                label=False,
+            )
+        if self.rcs_config is not None:
+            self.rcs_sampler = RareClassSampler(
+                self.source_root,
+                temperature=self.rcs_config.temperature,
+                min_pixels=self.rcs_config.min_pixels,
+                min_crop_ratio=self.rcs_config.min_crop_ratio,
+                available=source.label_index.keys(),
+            )
+        if self.seed is None:
+            self.seed = torch.initial_seed()  # the global seed after seed_everything
+        return UDATrainDataset(source, target, self.rcs_sampler, self.seed)
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        assert self.train_set is not None
+        self._train_sampler = InfiniteIndexSampler(self._sync_next_index())
+        return self._loader(
+            self.train_set, self.batch_size, sampler=self._train_sampler, drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        assert self.val_set is not None
+        return self._loader(self.val_set, 1, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning calls this in the main process for every batch it consumes."""
+        if isinstance(batch, dict) and "index" in batch:
+            self._consumed = int(batch["index"].max()) + 1
+        return batch
+
+    def _sync_next_index(self) -> int:
+        if self._consumed is not None:
+            self.next_index = self._consumed
+        elif self._train_sampler is not None:  # iterated outside Lightning
+            self.next_index = self._train_sampler.position
+        return self.next_index
+
+    def state_dict(self) -> dict[str, Any]:
+        """Seed and next training sample index (plus the RCS generator state)."""
+        state: dict[str, Any] = {"seed": self.seed, "next_index": self._sync_next_index()}
+        if self.rcs_sampler is not None:
+            state["rcs"] = self.rcs_sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training sample stream where the checkpoint left it."""
+        self.seed = state_dict["seed"]
+        self.next_index = int(state_dict["next_index"])
+        self._consumed = None
+        if self.train_set is not None and self.seed is not None:
+            self.train_set.seed = self.seed
+        if self._train_sampler is not None:
+            self._train_sampler.position = self.next_index
+        if self.rcs_sampler is not None and "rcs" in state_dict:
+            self.rcs_sampler.load_state_dict(state_dict["rcs"])

@@ -1,0 +1,483 @@
+"""Datasets, transforms and the UDA datamodule (ALGORITHM.md §3.2, §4.1, §4.2, §7)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssr.data import prepare
+from ssr.data import transforms as T
+from ssr.data.datamodule import UDADataModule
+from ssr.data.datasets import CityscapesDataset, DatasetError, GTA5Dataset, read_image, read_label
+from ssr.data.labels import MEAN, STD, label_id_lut, label_ids_to_train_ids
+
+CS_FRAME = "frankfurt_000000_000294"
+GTA_FRAME = "real_frame_1914x1052.png"
+
+
+def normalised(rgb: np.ndarray) -> np.ndarray:
+    return (rgb.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)
+
+
+# --- labels and the real fixtures ---------------------------------------------------------------
+
+
+def test_label_id_lut_matches_official_table(shared_fixtures: Path) -> None:
+    lut = label_id_lut()
+    with open(shared_fixtures / "cityscapes_labels.csv") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["id"]) >= 0]  # license plate has id -1
+    assert len(rows) == 34
+    for row in rows:
+        train_id = int(row["trainId"])
+        assert lut[int(row["id"])] == (train_id if 0 <= train_id < 19 else 255), row["name"]
+
+
+def test_real_label_ids_map_to_real_train_ids(shared_fixtures: Path) -> None:
+    folder = shared_fixtures / "cityscapes" / "gtFine" / "val" / "frankfurt"
+    label_ids = np.asarray(Image.open(folder / f"{CS_FRAME}_gtFine_labelIds.png"))
+    official = read_label(folder / f"{CS_FRAME}_gtFine_labelTrainIds.png")
+    ours = label_ids_to_train_ids(label_ids)
+    assert set(np.unique(ours)) == set(np.unique(official))
+    assert (ours != official).sum() <= 77  # independent downscaling of the fixture files
+
+
+def test_cityscapes_val_item_on_real_frame(shared_fixtures: Path) -> None:
+    root = shared_fixtures / "cityscapes"
+    ds = CityscapesDataset(root, "val", T.test_transform((128, 64)))
+    assert len(ds) == 1
+    item = ds[0]
+    rgb = np.asarray(Image.open(ds.images[0]).convert("RGB"))
+    assert rgb.shape == (128, 256, 3)
+    expected = normalised(cv2.resize(rgb, (128, 64), interpolation=cv2.INTER_LINEAR))
+    assert item["img"].dtype == torch.float32 and item["img"].shape == (3, 64, 128)
+    np.testing.assert_allclose(item["img"].permute(1, 2, 0).numpy(), expected, atol=1e-4)
+    # The label stays at full resolution for the metric (§3.2).
+    assert item["label"].dtype == torch.int64 and item["label"].shape == (128, 256)
+    np.testing.assert_array_equal(item["label"].numpy(), read_label(ds.labels[0]))
+    assert item["ori_size"].tolist() == [128, 256]
+    assert item["path"].endswith(f"{CS_FRAME}_leftImg8bit.png")
+
+
+def test_real_gta_frame_resizes_to_1280x704(shared_fixtures: Path) -> None:
+    img = read_image(shared_fixtures / "gta5" / "images" / GTA_FRAME)
+    assert img.shape == (1052, 1914, 3)
+    label = np.zeros(img.shape[:2], np.uint8)
+    out = T.KeepRatioResize((1280, 720))(image=img, mask=label)
+    assert out["image"].shape == (704, 1280, 3) and out["mask"].shape == (704, 1280)
+    np.testing.assert_array_equal(
+        out["image"], cv2.resize(img, (1280, 704), interpolation=cv2.INTER_LINEAR)
+    )
+    batch = T.source_train_transform()(image=img, mask=label)
+    assert batch["image"].shape == (3, 512, 512) and batch["mask"].shape == (512, 512)
+
+
+# --- transforms ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hw", "scale", "expected"),
+    [
+        ((1052, 1914), (1280, 720), (704, 1280)),  # GTA5: not 1280x720
+        ((1024, 2048), (1024, 512), (512, 1024)),  # Cityscapes
+        ((1024, 2048), (512, 1024), (512, 1024)),  # (long, short) order does not matter
+        ((5, 10), (5, 5), (3, 5)),  # 2.5 rounds half up (int(x + 0.5)), not to even
+        ((90, 160), (64, 32), (32, 57)),  # short side binds: 32/90
+    ],
+)
+def test_rescale_size_uses_mmcv_rule(hw, scale, expected) -> None:
+    assert T.rescale_size(*hw, scale) == expected
+
+
+def test_label_resize_is_nearest() -> None:
+    label = np.random.default_rng(0).choice(np.array([0, 13, 255], np.uint8), (45, 100))
+    out = T.KeepRatioResize((64, 36))(image=np.zeros((45, 100, 3), np.uint8), mask=label)
+    assert out["mask"].shape == (29, 64)  # factor min(64/100, 36/45) = 0.64; 28.8 -> 29
+    assert set(np.unique(out["mask"])) <= {0, 13, 255}
+
+
+def _good_crop(mask: np.ndarray) -> bool:
+    counts = np.bincount(mask.ravel(), minlength=256)[:255]
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() / counts.sum() < 0.75
+
+
+def test_cat_max_ratio_redraws_up_to_ten_times() -> None:
+    # 10x100 label: class 0 in columns 0..89, class 1 in 90..99. 10x10 crops have 91 offsets,
+    # of which 5 (83..87) satisfy the ratio: p = 5/91. With 10 checks and an unchecked 11th box,
+    # P(good) = 1 - (86/91)^11 = 0.463; without the check it is p = 0.055.
+    label = np.zeros((10, 100), np.uint8)
+    label[:, 90:] = 1
+    image = np.zeros((10, 100, 3), np.uint8)
+    for ratio, expected in ((0.75, 1 - (86 / 91) ** 11), (1.0, 5 / 91)):
+        crop = A.Compose([T.CatMaxRandomCrop(10, 10, cat_max_ratio=ratio)], seed=0)
+        good = np.mean([_good_crop(crop(image=image, mask=label)["mask"]) for _ in range(800)])
+        assert abs(good - expected) < 0.055
+
+
+def test_cat_max_ratio_draws_exactly_eleven_boxes_when_nothing_fits() -> None:
+    crop = T.CatMaxRandomCrop(4, 4, cat_max_ratio=0.75)
+    crop.set_random_seed(3)
+    crop(image=np.zeros((10, 20, 3), np.uint8), mask=np.zeros((10, 20), np.uint8))
+    reference = np.random.default_rng(3)
+    for _ in range(11):
+        reference.integers(0, 7)
+        reference.integers(0, 17)
+    assert crop.random_generator.random() == reference.random()
+
+
+def test_small_image_is_padded_after_normalisation() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, (20, 30), dtype=np.uint8)
+    out = T.train_transform(resize=(30, 20), crop_size=(32, 32), cat_max_ratio=1.0)(
+        image=image, mask=label
+    )
+    img, lbl = out["image"], out["mask"]
+    assert img.shape == (3, 32, 32) and lbl.shape == (32, 32)
+    assert (img[:, 20:, :] == 0).all() and (img[:, :, 30:] == 0).all()  # 0 = the mean colour
+    assert (lbl[20:, :] == 255).all() and (lbl[:, 30:] == 255).all()
+    core = lbl[:20, :30].numpy()
+    assert (core == label).all() or (core == label[:, ::-1]).all()
+
+
+def test_flip_is_a_coin_toss_applied_to_both() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, (8, 8), dtype=np.uint8)
+    pipeline = T.train_transform(resize=(8, 8), crop_size=(8, 8))
+    flips = 0
+    for seed in range(200):
+        pipeline.set_random_seed(seed)
+        out = pipeline(image=image, mask=label)
+        flipped = bool((out["mask"].numpy() == label[:, ::-1]).all())
+        assert flipped or (out["mask"].numpy() == label).all()
+        ref = normalised(image[:, ::-1] if flipped else image)
+        np.testing.assert_allclose(out["image"].permute(1, 2, 0).numpy(), ref, atol=1e-4)
+        flips += flipped
+    assert 70 < flips < 130
+
+
+# --- datasets on tiny trees ---------------------------------------------------------------------
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def label_blocks(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
+    """Train ids: road below, sky above, a car block and a small bicycle block."""
+    h, w = hw
+    lbl = np.full(hw, 10, np.uint8)
+    lbl[h // 2 :] = 0
+    y, x = rng.integers(h // 4, h // 2), rng.integers(0, w - 16)
+    lbl[y : y + 10, x : x + 16] = 13
+    y, x = rng.integers(0, h - 6), rng.integers(0, w - 6)
+    lbl[y : y + 6, x : x + 6] = 18
+    lbl[0, :] = 255
+    return lbl
+
+
+def make_gta(root: Path, n: int = 6, hw: tuple[int, int] = (44, 80), seed: int = 0) -> Path:
+    """A converted GTA5 tree (train-id labels + RCS statistics written by the real CLI)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n, 0, -1):  # written out of order: the dataset must sort
+        write_png(root / "images" / f"{i:05d}.png", rng.integers(0, 255, (*hw, 3), np.uint8))
+        write_png(root / "labels" / f"{i:05d}_labelTrainIds.png", label_blocks(rng, hw))
+    # Statistics from the converted labels, written the way the CLI does it.
+    per_file = []
+    for p in sorted((root / "labels").glob("*_labelTrainIds.png")):
+        per_file.append((f"labels/{p.name}", prepare.class_counts(np.asarray(Image.open(p)))))
+    stats, _, with_class = prepare.rcs_statistics(per_file)
+    (root / "sample_class_stats.json").write_text(json.dumps(stats))
+    (root / "samples_with_class.json").write_text(json.dumps(with_class))
+    return root
+
+
+def make_cityscapes(root: Path, n_train: int = 3, n_val: int = 2, hw=(32, 64), seed=1) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            city = "aachen" if i % 2 else "bonn"
+            stem = f"{city}_000000_{i:06d}"
+            write_png(
+                root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
+                rng.integers(0, 255, (*hw, 3), np.uint8),
+            )
+            write_png(
+                root / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png",
+                label_blocks(rng, hw),
+            )
+    return root
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("trees")
+    return make_gta(base / "gta"), make_cityscapes(base / "cityscapes")
+
+
+def test_gta_dataset_sorted_items(trees: tuple[Path, Path]) -> None:
+    gta, _ = trees
+    ds = GTA5Dataset(gta, T.source_train_transform((64, 36), (32, 32)))
+    assert [p.name for p in ds.images] == [f"{i:05d}.png" for i in range(1, 7)]
+    assert ds.labels[0].name == "00001_labelTrainIds.png"
+    item = ds[0]
+    assert item["img"].shape == (3, 32, 32) and item["label"].shape == (32, 32)
+    assert item["label"].dtype == torch.int64 and item["ori_size"].tolist() == [44, 80]
+
+
+def test_cityscapes_recursive_sorted_scan(trees: tuple[Path, Path]) -> None:
+    _, cs = trees
+    ds = CityscapesDataset(cs, "train")
+    names = [p.name for p in ds.images]
+    assert names == sorted(names, key=lambda n: (n.split("_")[0], n))
+    assert [p.parent.name for p in ds.images] == ["aachen", "bonn", "bonn"]
+    assert ds[1]["img"].shape == (3, 32, 64)  # default transform: normalise only
+
+
+def _gta_pair(root: Path, image_hw: tuple[int, int], label_hw: tuple[int, int]) -> Path:
+    write_png(root / "images" / "00001.png", np.full((*image_hw, 3), 90, np.uint8))
+    write_png(root / "labels" / "00001_labelTrainIds.png", np.full(label_hw, 13, np.uint8))
+    return root
+
+
+def test_gta_size_mismatch_faithful_and_aligned(tmp_path: Path) -> None:
+    # Image 20x40, label 22x40 (different aspect). Resize to fit (20, 10): the image becomes
+    # 10x20, the label on its own 10x18 (factor 10/22), so its crop is padded with 255 (§7.5).
+    root = _gta_pair(tmp_path, (20, 40), (22, 40))
+    pipeline = T.train_transform(resize=(20, 10), crop_size=(10, 20))
+    faithful = GTA5Dataset(root, pipeline)
+    assert faithful.read(0)[1].shape == (22, 40)
+    lbl = faithful[0]["label"]
+    assert lbl.shape == (10, 20) and (lbl[:, 18:] == 255).all() and (lbl[:, :18] == 13).all()
+    aligned = GTA5Dataset(root, pipeline, align_label_to_image=True)
+    assert aligned.read(0)[1].shape == (20, 40)
+    assert (aligned[0]["label"] == 13).all()
+
+
+@pytest.mark.parametrize("dataset", ["gta5", "cityscapes"])
+def test_missing_and_empty_roots(tmp_path: Path, dataset: str) -> None:
+    cls = GTA5Dataset if dataset == "gta5" else CityscapesDataset
+    with pytest.raises(DatasetError, match=r"nope does not exist"):
+        cls(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty is empty"):
+        cls(tmp_path / "empty")
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "frames").mkdir()
+    with pytest.raises(DatasetError, match=r"has no (images|leftImg8bit/train)/ folder"):
+        cls(tmp_path / "wrong")
+
+
+def test_gta_layout_errors(tmp_path: Path) -> None:
+    root = tmp_path / "gta"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    with pytest.raises(DatasetError, match=r"no \*\.png images in .*images"):
+        GTA5Dataset(root)
+    write_png(root / "images" / "00001.png", np.zeros((4, 4, 3), np.uint8))
+    write_png(root / "images" / "00002.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"00001\.png has no label .*00001_labelTrainIds.png"):
+        GTA5Dataset(root)
+    write_png(root / "labels" / "00001.png", np.zeros((4, 4), np.uint8))  # raw, not converted
+    with pytest.raises(DatasetError, match=r"\(and 1 more\); run python -m ssr.data.prepare gta5"):
+        GTA5Dataset(root)
+
+
+def test_unreadable_files_name_the_path(tmp_path: Path) -> None:
+    root = _gta_pair(tmp_path, (8, 8), (8, 8))
+    bad_image = root / "images" / "00001.png"
+    bad_image.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DatasetError, match=f"cannot read image {bad_image}"):
+        GTA5Dataset(root)[0]
+    write_png(bad_image, np.zeros((8, 8, 3), np.uint8))
+    bad_label = root / "labels" / "00001_labelTrainIds.png"
+    write_png(bad_label, np.zeros((8, 8, 3), np.uint8))  # colour label
+    with pytest.raises(DatasetError, match="not a single-channel 8-bit train-id PNG"):
+        GTA5Dataset(root)[0]
+    write_png(bad_label, np.full((8, 8), 26, np.uint8))  # label ids, not train ids
+    with pytest.raises(DatasetError, match="holds value 26, not a train id"):
+        GTA5Dataset(root)[0]
+
+
+def test_cityscapes_label_errors(tmp_path: Path) -> None:
+    root = make_cityscapes(tmp_path / "cs", n_train=1, n_val=1)
+    label = next((root / "gtFine" / "val").rglob("*_labelTrainIds.png"))
+    write_png(label, np.zeros((16, 64), np.uint8))
+    with pytest.raises(DatasetError, match=r"is 64x16 but image .* is 64x32"):
+        CityscapesDataset(root, "val")[0]
+    label.rename(label.with_name(label.name.replace("labelTrainIds", "labelIds")))
+    with pytest.raises(DatasetError, match=r"run python -m ssr.data.prepare cityscapes"):
+        CityscapesDataset(root, "val")
+    assert len(CityscapesDataset(root, "val", label=False)) == 1  # target images need no labels
+    shutil.rmtree(root / "gtFine")
+    with pytest.raises(DatasetError, match=r"no gtFine/val/ folder"):
+        CityscapesDataset(root, "val")
+
+
+# --- the datamodule -----------------------------------------------------------------------------
+
+TINY = {
+    "source_resize": (64, 36),
+    "target_resize": (64, 32),
+    "crop_size": (32, 32),
+    "test_resize": (32, 16),
+    "batch_size": 2,
+    "num_workers": 0,
+}
+RCS = {"temperature": 0.01, "min_pixels": 20, "min_crop_ratio": 0.5}
+
+
+def datamodule(trees: tuple[Path, Path], **kwargs) -> UDADataModule:
+    gta, cs = trees
+    dm = UDADataModule(str(gta), str(cs), **{**TINY, "rcs": RCS, "seed": 0, **kwargs})
+    dm.setup("fit")
+    return dm
+
+
+def take(dm: UDADataModule, n: int) -> list[dict[str, torch.Tensor]]:
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(a: list[dict], b: list[dict]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
+
+
+def test_train_and_val_batches_follow_the_contract(trees: tuple[Path, Path]) -> None:
+    dm = datamodule(trees)
+    (batch,) = take(dm, 1)
+    assert set(batch) == {"src_img", "src_lbl", "tgt_img", "index"}
+    assert batch["index"].tolist() == [0, 1]
+    assert batch["src_img"].shape == batch["tgt_img"].shape == (2, 3, 32, 32)
+    assert batch["src_img"].dtype == torch.float32
+    assert batch["src_lbl"].shape == (2, 32, 32) and batch["src_lbl"].dtype == torch.int64
+    assert set(batch["src_lbl"].unique().tolist()) <= {0, 10, 13, 18, 255}
+    val = next(iter(dm.val_dataloader()))
+    assert val["img"].shape == (1, 3, 16, 32)
+    assert val["label"].shape == (1, 32, 64) and val["label"].dtype == torch.int64
+    assert len(val["path"]) == 1 and val["path"][0].endswith("_leftImg8bit.png")
+    assert dm.test_dataloader().batch_size == 1
+
+
+def test_rcs_source_crops_keep_the_drawn_class(trees: tuple[Path, Path]) -> None:
+    dm = datamodule(trees)
+    ds = dm.train_set
+    assert dm.rcs_sampler is not None and dm.rcs_sampler.classes[0] == 18  # rarest class
+    kept = 0
+    for i in range(20):
+        _, class_id, *_ = ds.draw(i)
+        kept += dm.rcs_sampler.accepts(ds[i]["src_lbl"], class_id)
+    assert kept >= 18
+
+
+def test_stream_is_deterministic_and_worker_independent(trees: tuple[Path, Path]) -> None:
+    first = take(datamodule(trees), 2)
+    assert_same(first, take(datamodule(trees), 2))
+    assert_same(first, take(datamodule(trees, num_workers=1), 2))
+    other = take(datamodule(trees, seed=1), 1)[0]
+    assert not torch.equal(other["src_img"], first[0]["src_img"])
+
+
+def test_state_dict_resumes_the_stream(trees: tuple[Path, Path]) -> None:
+    dm = datamodule(trees)
+    batches = take(dm, 4)
+    state = dm.state_dict()
+    assert state["seed"] == 0 and state["next_index"] == 8 and "rng" in state["rcs"]
+    fresh = datamodule(trees, seed=None)
+    fresh.load_state_dict({**state, "next_index": 4})
+    assert_same(batches[2:], take(fresh, 2))
+
+
+def test_seed_defaults_to_the_global_seed(
+    trees: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # restored after the test
+        monkeypatch.setenv(name, "")
+    L.seed_everything(5, workers=True)
+    assert datamodule(trees, seed=None).seed == 5
+    torch.seed(), np.random.seed(), random.seed()  # leave no fixed global seed behind
+
+
+def test_source_only_and_uniform_sampling(trees: tuple[Path, Path]) -> None:
+    dm = datamodule(trees, rcs=None, with_target=False)
+    assert dm.rcs_sampler is None
+    (batch,) = take(dm, 1)
+    assert set(batch) == {"src_img", "src_lbl", "index"}
+
+
+def test_setup_errors(trees: tuple[Path, Path], tmp_path: Path) -> None:
+    gta, cs = trees
+    no_images = tmp_path / "cs"
+    (no_images / "leftImg8bit" / "train" / "bonn").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"no \*_leftImg8bit.png images under .*train"):
+        UDADataModule(str(gta), str(no_images), **TINY).setup("fit")
+    bare = tmp_path / "gta"
+    shutil.copytree(gta, bare)
+    (bare / "samples_with_class.json").unlink()
+    with pytest.raises(DatasetError, match=r"run python -m ssr.data.prepare gta5"):
+        UDADataModule(str(bare), str(cs), **TINY, rcs=RCS).setup("fit")
+    with pytest.raises(TypeError, match="min_pixel"):
+        UDADataModule(str(gta), str(cs), rcs={"min_pixel": 3})
+    with pytest.raises(ValueError, match="crop_size"):
+        UDADataModule(str(gta), str(cs), crop_size=(512,))
+
+
+class _Consumer(L.LightningModule):
+    """Records the source crops it sees; the smallest module Lightning will fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch["src_img"].clone())
+        return (self.weight - batch["src_img"].mean()) ** 2
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_checkpoint_carries_and_restores_the_stream(
+    trees: tuple[Path, Path], tmp_path: Path
+) -> None:
+    def trainer(steps: int) -> L.Trainer:
+        return L.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+
+    full, dm = _Consumer(), datamodule(trees)
+    trainer(4).fit(full, datamodule=dm)
+    first, dm = _Consumer(), datamodule(trees)
+    run = trainer(2)
+    run.fit(first, datamodule=dm)
+    run.save_checkpoint(tmp_path / "two.ckpt")
+    ckpt = torch.load(tmp_path / "two.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["UDADataModule"]["seed"] == 0 and ckpt["UDADataModule"]["next_index"] >= 4
+    second = _Consumer()
+    trainer(4).fit(second, datamodule=datamodule(trees, seed=None), ckpt_path=tmp_path / "two.ckpt")
+    assert len(full.seen) == 4 and len(first.seen) == len(second.seen) == 2
+    for a, b in zip(full.seen, first.seen + second.seen, strict=True):
+        assert torch.equal(a, b)

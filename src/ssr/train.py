@@ -14,20 +14,30 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from ssr.data.datasets import DatasetError
+from ssr.eval import CONF_DIR
 from ssr.metrics import iou_table
 from ssr.model.checkpoint import CheckpointError
 from ssr.uda.module import NonFiniteLossError, UDAConfigError
+from ssr.uda.sam import SamCheckpointError
 
 log = logging.getLogger(__name__)
 
 # Errors a user can fix from the command line: one line on stderr, exit code 2.
-USER_ERRORS = (DatasetError, CheckpointError, NonFiniteLossError, UDAConfigError, FileNotFoundError)
+USER_ERRORS = (
+    DatasetError,
+    CheckpointError,
+    SamCheckpointError,
+    NonFiniteLossError,
+    UDAConfigError,
+    FileNotFoundError,
+)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -107,13 +117,17 @@ def _print_summary(cfg: DictConfig, module: pl.LightningModule, trainer: pl.Trai
     Console().print(table)
 
 
-@hydra.main(config_path="../../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
     try:
         metrics = train(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        # Hydra wraps constructor errors (e.g. a missing weights file) in InstantiationException.
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        if not isinstance(cause, USER_ERRORS):
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
     value = metrics.get(cfg.optimized_metric)
     return None if value is None else float(value)

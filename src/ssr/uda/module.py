@@ -97,7 +97,9 @@ class UDAModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False  # separate backward per loss group, one step (§4.9)
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
-        optim, masking, sam = (_plain(c) for c in (optim, masking, sam))
+        optim, masking, sam, model_config = (
+            _plain(c) for c in (optim, masking, sam, model_config)
+        )
         fd_classes, test_crop_size, test_stride = (
             list(v) for v in (fd_classes, test_crop_size, test_stride)
         )

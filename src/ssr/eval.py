@@ -1,0 +1,255 @@
+"""Evaluation entry point: `python -m ssr.eval ckpt_path=... | pred_dir=...` (also `ssr-eval`).
+
+The paper's protocol (ALGORITHM.md §3.2, §8.4): the student (shadow branch, §3.3) sees each val
+image resized to 1024x512 keeping its ratio, one whole-image pass, logits upsampled to the input
+size and then to the label size, argmax, dataset-level IoU against full-resolution train ids.
+`pred_dir` mode scores another codebase's `*_trainIds.png` files against the same ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from rich.console import Console
+from rich.progress import track
+from torch.utils.data import DataLoader, Dataset
+
+from ssr.data.datasets import CityscapesDataset, DatasetError, read_label
+from ssr.data.transforms import test_transform
+from ssr.metrics import SegMetric, iou_table
+from ssr.model.checkpoint import CheckpointError, load_segmentor_weights, read_model_config
+from ssr.model.segmentor import Segmentor
+
+log = logging.getLogger(__name__)
+
+# Absolute: a relative config_path breaks when the module is imported (console script, tests).
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+GT_SUFFIX = "_gtFine_labelTrainIds.png"
+PRED_SUFFIX = "_trainIds.png"
+# city_sequence_frame, e.g. frankfurt_000000_000294: what names one Cityscapes frame in every file.
+_CS_STEM = re.compile(r"^(.+?_\d{6}_\d{6})(?:_|$)")
+
+
+class EvalInputError(ValueError):
+    """The command line names inputs that cannot be scored (both/neither source, missing files)."""
+
+
+def evaluate(
+    segmentor: Segmentor,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    mode: str = "whole",
+    crop_size: tuple[int, int] = (512, 512),
+    stride: tuple[int, int] = (341, 341),
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score `segmentor` on `dataset` (items with `img` at test scale and full-size `label`).
+
+    Batch size 1, as in the paper, since val images may differ in size. Returns
+    `SegMetric.compute()` plus `num_images`. The segmentor's train/eval mode is restored afterwards,
+    so a training loop can call this for validation.
+    """
+    device = torch.device(device)
+    metric = SegMetric().to(device)
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
+    was_training = segmentor.training
+    segmentor.eval()
+    batches = (
+        track(loader, description="Evaluating", console=Console(stderr=True))
+        if progress
+        else loader
+    )
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                img = batch["img"].to(device, non_blocking=True)
+                label = batch["label"].to(device, non_blocking=True)  # (1, H, W) original size
+                logits = segmentor.inference(
+                    img, mode=mode, crop_size=crop_size, stride=stride, out_size=label.shape[-2:]
+                )
+                metric.update(logits.argmax(dim=1), label)
+    finally:
+        segmentor.train(was_training)
+    return {**metric.compute(), "num_images": len(dataset)}
+
+
+def evaluate_predictions(
+    pred_dir: str | Path, gt_root: str | Path, split: str = "val", progress: bool = True
+) -> dict[str, Any]:
+    """Score a folder of `*_trainIds.png` (searched recursively) against `gt_root`'s train ids.
+
+    Files are matched by Cityscapes stem (`city_seq_frame`), so `frankfurt_000000_000294_leftImg8bit
+    _trainIds.png` and `frankfurt_000000_000294_trainIds.png` both match. Every ground-truth image
+    needs a prediction; extra predictions are ignored.
+    """
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise EvalInputError(
+            f"pred_dir {pred_dir} is not a directory; pass a folder of *_trainIds.png"
+        )
+    gts = _label_files(Path(gt_root), split)
+    preds: dict[str, Path] = {}
+    for path in sorted(pred_dir.rglob(f"*{PRED_SUFFIX}")):
+        stem = frame_stem(path.name, PRED_SUFFIX)
+        if stem in preds:
+            raise EvalInputError(
+                f"pred_dir holds two predictions for {stem}: {preds[stem]} and {path}"
+            )
+        preds[stem] = path
+    missing = [stem for stem in gts if stem not in preds]
+    if missing:
+        raise EvalInputError(
+            f"{len(missing)} of {len(gts)} ground-truth images have no *{PRED_SUFFIX} in "
+            f"{pred_dir}, first {missing[0]}; predict the whole split (ssr-predict input=...)"
+        )
+    metric = SegMetric()
+    items = (
+        track(gts.items(), description="Scoring", console=Console(stderr=True))
+        if progress
+        else gts.items()
+    )
+    for stem, gt_path in items:
+        gt = read_label(gt_path)
+        pred = _read_prediction(preds[stem])
+        if pred.shape != gt.shape:
+            raise EvalInputError(
+                f"{preds[stem]} is {pred.shape[::-1]} (W, H) but its ground truth {gt_path} is "
+                f"{gt.shape[::-1]}: predictions must be single-channel train ids at label size"
+            )
+        metric.update(
+            torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt.astype(np.int64))
+        )
+    return {**metric.compute(), "num_images": len(gts)}
+
+
+def frame_stem(name: str, suffix: str) -> str:
+    """Cityscapes `city_seq_frame` of a file name; other names are kept whole minus `suffix`."""
+    match = _CS_STEM.match(name)
+    return match.group(1) if match else name.removesuffix(suffix)
+
+
+def load_segmentor(
+    ckpt_path: str | Path, model_cfg: DictConfig | dict, device: torch.device | str = "cpu"
+) -> tuple[Segmentor, dict, str]:
+    """Build the student from any checkpoint format: (segmentor in eval mode, config, format).
+
+    Our Lightning and export checkpoints carry their model config; an official work-dir checkpoint
+    does not, so `model_cfg` (the `model=` group) describes it. ImageNet weights are never loaded:
+    the checkpoint overwrites every parameter (as the official test script sets `pretrained=None`).
+    """
+    config = read_model_config(ckpt_path)
+    if config is None:
+        config = (
+            OmegaConf.to_container(model_cfg, resolve=True)
+            if isinstance(model_cfg, DictConfig)
+            else model_cfg
+        )
+        variant = (config.get("backbone") or {}).get("variant")
+        log.info(f"{ckpt_path} stores no model config; building the model= config (MiT {variant})")
+    config = json.loads(json.dumps(config))  # a private deep copy
+    if isinstance(config.get("backbone"), dict) and "pretrained" in config["backbone"]:
+        config["backbone"]["pretrained"] = None
+    segmentor: Segmentor = instantiate(config)
+    fmt = load_segmentor_weights(segmentor, ckpt_path, which="student")
+    log.info(f"Loaded the student from {ckpt_path} ({fmt} format)")
+    return segmentor.to(device).eval(), config, fmt
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate what `cfg` names, print the table and write `<output_dir>/metrics.json`."""
+    if (cfg.ckpt_path is None) == (cfg.pred_dir is None):
+        raise EvalInputError(
+            "pass exactly one of ckpt_path=<checkpoint> or pred_dir=<folder of PNGs>"
+        )
+    if cfg.pred_dir is not None:
+        result = evaluate_predictions(cfg.pred_dir, cfg.gt_root, cfg.split)
+        title = f"{Path(cfg.pred_dir).name}: Cityscapes {cfg.split}"
+    else:
+        # The data first: a wrong gt_root should fail before a large checkpoint is read.
+        dataset = CityscapesDataset(
+            cfg.gt_root,
+            split=cfg.split,
+            transform=test_transform(tuple(cfg.test_resize)),
+            label=True,
+        )
+        device = resolve_device(cfg.device)
+        segmentor, _, _ = load_segmentor(cfg.ckpt_path, cfg.model, device)
+        result = evaluate(
+            segmentor,
+            dataset,
+            device,
+            mode=cfg.mode,
+            crop_size=tuple(cfg.crop_size),
+            stride=tuple(cfg.stride),
+            num_workers=cfg.num_workers,
+        )
+        title = f"{Path(cfg.ckpt_path).name}: Cityscapes {cfg.split}"
+    Console().print(iou_table(result, title=title))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(_finite(result), indent=2) + "\n")
+    log.info(
+        f"mIoU {result['mIoU']:.2f} over {result['num_images']} images of {cfg.gt_root} "
+        f"({cfg.split}) -> {out / 'metrics.json'}"
+    )
+    return result
+
+
+def _finite(result: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: a split with no valid pixel reports null."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
+
+
+def _read_prediction(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except OSError as err:
+        raise EvalInputError(f"cannot read prediction {path} ({err}); re-write it") from err
+
+
+def _label_files(gt_root: Path, split: str) -> dict[str, Path]:
+    """Cityscapes stem -> `gtFine/<split>/**/*_gtFine_labelTrainIds.png`, sorted."""
+    folder = gt_root / "gtFine" / split
+    files = sorted(folder.rglob(f"*{GT_SUFFIX}"))
+    if not files:
+        raise EvalInputError(
+            f"no *{GT_SUFFIX} under {folder}; point gt_root at a Cityscapes-format root "
+            "(convert label ids with `python -m ssr.data.prepare cityscapes ROOT`)"
+        )
+    return {frame_stem(p.name, GT_SUFFIX): p for p in files}
+
+
+@hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        result = run(cfg)
+    except (EvalInputError, CheckpointError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return result["mIoU"]
+
+
+if __name__ == "__main__":
+    main()

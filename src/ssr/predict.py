@@ -1,0 +1,210 @@
+"""Prediction entry point: `python -m ssr.predict ckpt_path=... input=... output_dir=...`.
+
+Segments an image, a folder of images or a video with the student (shadow branch, ALGORITHM.md §3.3)
+under the Cityscapes test protocol of §3.2: keep-ratio resize to 1024x512, whole-image inference,
+logits resized back to the original size. Per image it writes `<stem>_trainIds.png` (uint8 train
+ids, scoreable with `ssr.eval pred_dir=...`), `<stem>_color.png` and `<stem>_overlay.png`; a video
+gives `<stem>_overlay.mp4`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
+from PIL import Image
+from rich.console import Console
+from rich.progress import track
+
+from ssr.data.datasets import DatasetError, read_image
+from ssr.data.labels import colorize
+from ssr.data.transforms import test_transform
+from ssr.eval import CONF_DIR, load_segmentor, resolve_device
+from ssr.model.checkpoint import CheckpointError
+from ssr.model.segmentor import Segmentor
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+# Our own outputs: skipped when a folder is searched, so a second run never segments them.
+OUTPUT_SUFFIXES = ("_trainIds.png", "_color.png", "_overlay.png")
+
+
+class PredictInputError(ValueError):
+    """The `input` cannot be segmented (missing, empty folder, unknown type, unreadable video)."""
+
+
+class Predictor:
+    """A loaded segmentor plus the §3.2 test pipeline: RGB uint8 in, train ids at input size out."""
+
+    def __init__(
+        self,
+        segmentor: Segmentor,
+        device: torch.device | str = "cpu",
+        test_resize: tuple[int, int] | None = (1024, 512),
+        mode: str = "whole",
+        crop_size: tuple[int, int] = (512, 512),
+        stride: tuple[int, int] = (341, 341),
+    ) -> None:
+        self.segmentor = segmentor.to(device).eval()
+        self.device = torch.device(device)
+        self.transform = test_transform(test_resize)
+        self.inference_kwargs: dict[str, Any] = {
+            "mode": mode,
+            "crop_size": crop_size,
+            "stride": stride,
+        }
+
+    @torch.inference_mode()
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (H, W) uint8 train ids."""
+        img = self.transform(image=rgb)["image"].float().unsqueeze(0).to(self.device)
+        logits = self.segmentor.inference(img, out_size=rgb.shape[:2], **self.inference_kwargs)
+        return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+
+
+def overlay(rgb: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """(H, W, 3) uint8 blend of the image with the class colours (`alpha` = colour weight)."""
+    return cv2.addWeighted(rgb, 1.0 - alpha, colorize(train_ids), alpha, 0.0)
+
+
+def predict_images(
+    predictor: Predictor, inputs: list[tuple[Path, Path]], alpha: float = 0.5
+) -> list[Path]:
+    """Segment each (image, output folder) pair; returns the written files."""
+    written = []
+    for image_path, out_dir in _progress(inputs, "Predicting", len(inputs)):
+        rgb = read_image(image_path)
+        train_ids = predictor(rgb)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = image_path.stem
+        outputs = {
+            out_dir / f"{stem}_trainIds.png": train_ids,
+            out_dir / f"{stem}_color.png": colorize(train_ids),
+            out_dir / f"{stem}_overlay.png": overlay(rgb, train_ids, alpha),
+        }
+        for path, array in outputs.items():
+            Image.fromarray(array).save(path)
+        written += list(outputs)
+    return written
+
+
+def predict_video(
+    predictor: Predictor, video_path: Path, out_dir: Path, alpha: float = 0.5
+) -> Path:
+    """Segment every frame; writes `<stem>_overlay.mp4` (mp4v, the input's frame rate)."""
+    capture = cv2.VideoCapture(str(video_path))
+    if not capture.isOpened():
+        raise PredictInputError(f"cannot open video {video_path}; is it a readable video file?")
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / f"{video_path.stem}_overlay.mp4"
+    writer = None
+    try:
+        for frame in _progress(_frames(capture), "Predicting frames", total):
+            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            blended = overlay(rgb, predictor(rgb), alpha)
+            if writer is None:
+                height, width = rgb.shape[:2]
+                fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+                writer = cv2.VideoWriter(str(out_path), fourcc, fps, (width, height))
+            writer.write(cv2.cvtColor(blended, cv2.COLOR_RGB2BGR))
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+    if writer is None:
+        raise PredictInputError(f"video {video_path} has no readable frame")
+    return out_path
+
+
+def collect_images(input_path: Path, output_dir: Path) -> list[tuple[Path, Path]]:
+    """(image, output folder) pairs; a folder is searched recursively and mirrored in output_dir."""
+    if input_path.is_file():
+        return [(input_path, output_dir)]
+    images = sorted(
+        p
+        for p in input_path.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(OUTPUT_SUFFIXES)
+    )
+    if not images:
+        raise PredictInputError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) under {input_path}; pass an image, "
+            "a folder of images or a video"
+        )
+    return [(p, output_dir / p.parent.relative_to(input_path)) for p in images]
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    """Segment `cfg.input` into `cfg.output_dir`; returns the written files."""
+    input_path = Path(cfg.input)
+    if not input_path.exists():
+        raise PredictInputError(
+            f"input {input_path} does not exist; pass an image, folder or video"
+        )
+    suffix = input_path.suffix.lower()
+    if input_path.is_file() and suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+        raise PredictInputError(
+            f"input {input_path} has unknown type {suffix!r}; images: {', '.join(IMAGE_SUFFIXES)}, "
+            f"videos: {', '.join(VIDEO_SUFFIXES)}"
+        )
+    is_video = input_path.is_file() and suffix in VIDEO_SUFFIXES
+    output_dir = Path(cfg.output_dir)
+    # Inputs are listed before the (possibly large) checkpoint is read, so mistakes fail fast.
+    inputs = [] if is_video else collect_images(input_path, output_dir)
+    device = resolve_device(cfg.device)
+    segmentor, _, _ = load_segmentor(cfg.ckpt_path, cfg.model, device)
+    predictor = Predictor(
+        segmentor,
+        device,
+        test_resize=tuple(cfg.test_resize) if cfg.test_resize is not None else None,
+        mode=cfg.mode,
+        crop_size=tuple(cfg.crop_size),
+        stride=tuple(cfg.stride),
+    )
+    if is_video:
+        written = [predict_video(predictor, input_path, output_dir, cfg.overlay_alpha)]
+    else:
+        written = predict_images(predictor, inputs, cfg.overlay_alpha)
+    log.info(f"Wrote {len(written)} files to {output_dir}")
+    return written
+
+
+def _frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return
+        yield frame
+
+
+def _progress(items: Any, description: str, total: int | None) -> Iterator[Any]:
+    """A rich progress bar on stderr, so stdout stays clean for pipes."""
+    return iter(track(items, description=description, total=total, console=Console(stderr=True)))
+
+
+@hydra.main(config_path=CONF_DIR, config_name="predict", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (PredictInputError, CheckpointError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except MissingMandatoryValue as err:
+        print(f"error: {err.full_key} is required: pass {err.full_key}=...", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

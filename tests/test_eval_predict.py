@@ -1,0 +1,316 @@
+"""ssr.eval / ssr.predict / ssr.export end to end: a tiny model on a tiny Cityscapes-format tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from ssr import eval as ssr_eval
+from ssr import export as ssr_export
+from ssr import predict as ssr_predict
+from ssr.data.labels import CLASSES, NUM_CLASSES
+from ssr.model.checkpoint import export_segmentor
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+FRAMES = ("aachen/aachen_000000_000019", "bochum/bochum_000000_000313")
+W, H = 128, 64
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def _call_main(main, monkeypatch, tmp_path: Path, overrides: list[str]) -> int:
+    """Run a Hydra CLI in-process; returns its exit code (0 when it returns normally)."""
+    argv = ["prog", *overrides, f"hydra.run.dir={tmp_path / 'hydra_run'}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A randomly initialised tiny DAFormer exported as an ssr-segmentor file."""
+    torch.manual_seed(0)
+    cfg = _compose("eval", ["model=daformer_tiny"])
+    segmentor = instantiate(cfg.model).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    export_segmentor(segmentor, path, model_config=model_config, meta={"test": True})
+    return path, segmentor
+
+
+@pytest.fixture(scope="module")
+def cs_root(tmp_path_factory) -> Path:
+    """Two 128x64 val frames in two cities: smooth images, labels with 4 classes and ignore."""
+    root = tmp_path_factory.mktemp("cityscapes")
+    rng = np.random.default_rng(0)
+    for i, frame in enumerate(FRAMES):
+        img_path = root / "leftImg8bit" / "val" / f"{frame}_leftImg8bit.png"
+        gt_path = root / "gtFine" / "val" / f"{frame}_gtFine_labelTrainIds.png"
+        img_path.parent.mkdir(parents=True)
+        gt_path.parent.mkdir(parents=True)
+        img = cv2.resize(rng.integers(0, 256, (8, 16, 3), dtype=np.uint8), (W, H))
+        Image.fromarray(img).save(img_path)
+        label = np.full((H, W), 0, dtype=np.uint8)  # road
+        label[: H // 3] = 10  # sky
+        label[H // 3 : H // 2, : W // 2] = 2  # building
+        label[H // 2 :, W // 2 + 8 * i :] = 13  # car
+        label[-4:] = 255
+        Image.fromarray(label).save(gt_path)
+    return root
+
+
+def _eval_cfg(overrides: list[str]) -> DictConfig:
+    # The images are already at test scale; test_resize=[256,128] is covered in the first test.
+    return _compose("eval", ["num_workers=0", "device=cpu", "test_resize=[128,64]", *overrides])
+
+
+def test_eval_checkpoint_writes_metrics(tiny, cs_root, tmp_path) -> None:
+    ckpt, segmentor = tiny
+    out = tmp_path / "eval"
+    cfg = _eval_cfg([f"ckpt_path={ckpt}", f"gt_root={cs_root}", f"output_dir={out}"])
+    result = ssr_eval.run(cfg)
+    written = json.loads((out / "metrics.json").read_text())
+    assert set(written) == {"mIoU", "IoU", "aAcc", "num_images"}
+    assert written["num_images"] == 2
+    assert list(written["IoU"]) == list(CLASSES)
+    assert 0.0 <= written["mIoU"] <= 100.0 and 0.0 <= written["aAcc"] <= 100.0
+    assert all(v is None or 0.0 <= v <= 100.0 for v in written["IoU"].values())
+    assert written["mIoU"] == pytest.approx(result["mIoU"])
+    # evaluate() leaves a training segmentor in training mode (reuse in a validation loop).
+    segmentor.train()
+    dataset = ssr_eval.CityscapesDataset(
+        cs_root, "val", transform=ssr_eval.test_transform((256, 128))
+    )
+    again = ssr_eval.evaluate(segmentor, dataset, "cpu", progress=False)
+    assert segmentor.training
+    assert again["num_images"] == 2 and 0.0 <= again["mIoU"] <= 100.0
+
+
+def test_predict_folder_then_score_it_matches_checkpoint_eval(tiny, cs_root, tmp_path) -> None:
+    ckpt, _ = tiny
+    preds = tmp_path / "preds"
+    cfg = _compose(
+        "predict",
+        [
+            f"ckpt_path={ckpt}",
+            f"input={cs_root / 'leftImg8bit' / 'val'}",
+            f"output_dir={preds}",
+            "device=cpu",
+            "test_resize=[128,64]",
+        ],
+    )
+    written = ssr_predict.run(cfg)
+    assert len(written) == 3 * len(FRAMES)
+    for frame in FRAMES:
+        stem = preds / f"{frame}_leftImg8bit"  # the city folders are mirrored
+        train_ids = Image.open(f"{stem}_trainIds.png")
+        assert (train_ids.mode, train_ids.size) == ("L", (W, H))
+        assert np.asarray(train_ids).max() < NUM_CLASSES
+        for kind in ("color", "overlay"):
+            im = Image.open(f"{stem}_{kind}.png")
+            assert (im.mode, im.size) == ("RGB", (W, H))
+    # Scoring those files must give exactly what checkpoint evaluation gives: same protocol.
+    from_ckpt = ssr_eval.run(
+        _eval_cfg([f"ckpt_path={ckpt}", f"gt_root={cs_root}", f"output_dir={tmp_path / 'a'}"])
+    )
+    from_pngs = ssr_eval.run(
+        _eval_cfg([f"pred_dir={preds}", f"gt_root={cs_root}", f"output_dir={tmp_path / 'b'}"])
+    )
+    assert from_pngs == from_ckpt
+
+
+def test_pred_dir_perfect_and_missing(cs_root, tmp_path, monkeypatch) -> None:
+    perfect = tmp_path / "perfect"
+    perfect.mkdir()
+    for frame in FRAMES:
+        gt = cs_root / "gtFine" / "val" / f"{frame}_gtFine_labelTrainIds.png"
+        (perfect / f"{Path(frame).name}_trainIds.png").write_bytes(gt.read_bytes())
+    out = tmp_path / "out"
+    result = ssr_eval.run(
+        _eval_cfg([f"pred_dir={perfect}", f"gt_root={cs_root}", f"output_dir={out}"])
+    )
+    assert result["mIoU"] == pytest.approx(100.0)
+    assert [k for k, v in result["IoU"].items() if v is not None] == [
+        "road", "building", "sky", "car",
+    ]  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["mIoU"] == pytest.approx(100.0)
+
+    next(iter(sorted(perfect.iterdir()))).unlink()  # aachen's prediction
+    missing_out = tmp_path / "missing"
+    with pytest.raises(ssr_eval.EvalInputError, match=r"1 of 2 .* first aachen_000000_000019"):
+        ssr_eval.run(
+            _eval_cfg([f"pred_dir={perfect}", f"gt_root={cs_root}", f"output_dir={missing_out}"])
+        )
+    code = _call_main(
+        ssr_eval.main,
+        monkeypatch,
+        tmp_path,
+        [f"pred_dir={perfect}", f"gt_root={cs_root}", f"output_dir={missing_out}"],
+    )
+    assert code == 2 and not (missing_out / "metrics.json").exists()
+
+
+def test_predict_video_writes_overlay_video(tiny, tmp_path) -> None:
+    ckpt, _ = tiny
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (W, H))
+    for i in range(3):
+        writer.write(np.full((H, W, 3), 60 * i, dtype=np.uint8))
+    writer.release()
+    cfg = _compose(
+        "predict",
+        [
+            f"ckpt_path={ckpt}",
+            f"input={video}",
+            f"output_dir={tmp_path}",
+            "device=cpu",
+            "test_resize=[128,64]",
+        ],
+    )
+    (out,) = ssr_predict.run(cfg)
+    assert out == tmp_path / "clip_overlay.mp4"
+    capture = cv2.VideoCapture(str(out))
+    frames = 0
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        assert frame.shape == (H, W, 3)
+        frames += 1
+    capture.release()
+    assert frames == 3
+
+
+def test_export_keeps_only_the_student(tiny, tmp_path, monkeypatch, capsys) -> None:
+    """A fabricated Lightning checkpoint (student, teacher, SAM-side keys) -> student-only file."""
+    _, segmentor = tiny
+    student = segmentor.state_dict()
+    state = {f"model.{k}": v for k, v in student.items()}
+    state |= {f"teacher.model.{k}": v + 1 for k, v in student.items()}
+    state |= {"sam.fusion_layer.0.q.weight": torch.zeros(2, 2), "imnet_backbone.x": torch.ones(1)}
+    lightning_ckpt = tmp_path / "last.ckpt"
+    model_config = OmegaConf.to_container(_compose("eval", ["model=daformer_tiny"]).model)
+    torch.save(
+        {"pytorch-lightning_version": "2.5", "state_dict": state, "model_config": model_config},
+        lightning_ckpt,
+    )
+    out = tmp_path / "student.pt"
+    code = _call_main(
+        ssr_export.main, monkeypatch, tmp_path, [f"ckpt_path={lightning_ckpt}", f"out={out}"]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"{sum(p.numel() for p in segmentor.parameters()):,}" in printed
+    exported = torch.load(out, weights_only=True)
+    assert exported["format"] == "ssr-segmentor"
+    assert set(exported["state_dict"]) == set(student)
+    assert all(torch.equal(exported["state_dict"][k], v) for k, v in student.items())
+    assert exported["meta"]["source_format"] == "lightning"
+
+    # An official work-dir checkpoint stores no architecture: model= supplies it.
+    official = tmp_path / "iter_40000.pth"
+    work_dir_state = {f"{p}.{k}": v for p in ("model", "ema_model") for k, v in student.items()}
+    work_dir_state["predictor.pos_embed"] = torch.zeros(1)
+    torch.save({"meta": {"CLASSES": list(CLASSES)}, "state_dict": work_dir_state}, official)
+    stats = ssr_export.export(
+        official,
+        tmp_path / "o.pt",
+        _compose("export", ["model=daformer_tiny", "ckpt_path=x", "out=y"]).model,
+    )
+    assert stats["bytes"] == (tmp_path / "o.pt").stat().st_size
+
+
+@pytest.mark.parametrize(
+    "case", ["missing_ckpt", "both_sources", "no_source", "empty_gt_root", "bad_ckpt_for_model"]
+)
+def test_bad_eval_inputs_exit_2_without_metrics(case, tiny, cs_root, tmp_path, monkeypatch) -> None:
+    ckpt, _ = tiny
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    overrides = {
+        "missing_ckpt": [f"ckpt_path={tmp_path / 'nope.pt'}", f"gt_root={cs_root}"],
+        "both_sources": [f"ckpt_path={ckpt}", f"pred_dir={tmp_path}", f"gt_root={cs_root}"],
+        "no_source": [f"gt_root={cs_root}"],
+        "empty_gt_root": [f"ckpt_path={ckpt}", f"gt_root={empty}"],
+        # an official file stores no architecture, and model=daformer_mitb0 does not fit it
+        "bad_ckpt_for_model": [
+            f"ckpt_path={_official_copy(ckpt, tmp_path)}",
+            f"gt_root={cs_root}",
+            "model=daformer_mitb0",
+        ],
+    }[case]
+    code = _call_main(
+        ssr_eval.main, monkeypatch, tmp_path, [*overrides, f"output_dir={out}", "device=cpu"]
+    )
+    assert code == 2
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_input", "empty_folder", "text_file", "no_ckpt_path"])
+def test_bad_predict_inputs_exit_2(case, tiny, tmp_path, monkeypatch, capsys) -> None:
+    ckpt, _ = tiny
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.fromarray(np.zeros((H, W, 3), dtype=np.uint8)).save(tmp_path / "frame.png")
+    overrides = {
+        "missing_input": [f"ckpt_path={ckpt}", f"input={tmp_path / 'nope.png'}"],
+        "empty_folder": [f"ckpt_path={ckpt}", f"input={tmp_path / 'empty'}"],
+        "text_file": [f"ckpt_path={ckpt}", f"input={tmp_path / 'notes.txt'}"],
+        "no_ckpt_path": [f"input={tmp_path / 'frame.png'}"],  # conf/predict.yaml: ckpt_path ???
+    }[case]
+    out = tmp_path / "out"
+    code = _call_main(ssr_predict.main, monkeypatch, tmp_path, [*overrides, f"output_dir={out}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith("error:")
+    assert not out.exists()
+
+
+def _official_copy(export_file: Path, tmp_path: Path) -> Path:
+    """The exported weights re-saved as an mmseg work-dir checkpoint (no model config)."""
+    state = torch.load(export_file, weights_only=True)["state_dict"]
+    path = tmp_path / "latest.pth"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, path)
+    return path
+
+
+def test_cli_subprocess_one_line_error(cs_root, tmp_path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ssr.eval",
+            f"ckpt_path={tmp_path / 'missing.pt'}",
+            f"gt_root={cs_root}",
+            f"output_dir={out}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing.pt" in errors[0]
+    assert not (out / "metrics.json").exists()

@@ -1,0 +1,168 @@
+"""One real training step of the UDA module: gradients where expected and nowhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from ssr.uda.module import NonFiniteLossError, UDAConfigError, UDAModule
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def build(experiment: str, *overrides: str, pretrained: Path | None = None) -> UDAModule:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg: DictConfig = compose("train", overrides=[f"experiment={experiment}", *overrides])
+    if pretrained is not None:
+        cfg.model.backbone.pretrained = str(pretrained)
+    torch.manual_seed(0)
+    seg = instantiate(cfg.model)
+    return instantiate(
+        cfg.uda,
+        segmentor=seg,
+        optim=cfg.optim,
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
+        _recursive_=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def imagenet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny backbone saved in the SegFormer ImageNet layout, so that FD is active."""
+    from ssr.model.mit import build_mit
+
+    path = tmp_path_factory.mktemp("weights") / "mit_tiny.pth"
+    state = build_mit("tiny").state_dict()
+    state |= {"head.weight": torch.zeros(1000, 128), "head.bias": torch.zeros(1000)}
+    torch.save(state, path)
+    return path
+
+
+def batches(n: int, size: int = 64, nan: bool = False) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        lbl = torch.randint(0, 19, (2, size // 16, size // 16), generator=g)
+        lbl = lbl.repeat_interleave(16, 1).repeat_interleave(16, 2)  # blocky: FD cells are pure
+        lbl[:, :2] = 255
+        src = torch.randn(2, 3, size, size, generator=g)
+        out.append(
+            {
+                "src_img": src * float("nan") if nan else src,
+                "src_lbl": lbl,
+                "tgt_img": torch.randn(2, 3, size, size, generator=g),
+            }
+        )
+    return out
+
+
+def fit(module: UDAModule, steps: int, **trainer_kwargs) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, DataLoader(batches(steps), batch_size=None))
+    return trainer
+
+
+def test_one_step_gradients_land_only_on_trainable_parts(imagenet_file: Path) -> None:
+    module = build("demo_mic_ssr", "uda.sam.stages=[2,3]", pretrained=imagenet_file)
+    assert module.fd_weight == 0.005 and module.masker is not None and module.sam is not None
+    fit(module, 1)
+    for name, p in module.model.named_parameters():
+        assert p.grad is not None, f"student parameter {name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+    frozen = {
+        "teacher": module.teacher,
+        "imnet": module.imnet_backbone,
+        "sam encoder": module.sam.encoder,
+    }
+    for what, part in frozen.items():
+        for name, p in part.named_parameters():
+            assert p.grad is None and not p.requires_grad, f"{what} {name} got a gradient"
+    for i in range(4):
+        grads = [p.grad for p in module.sam.fusion_layer[i].parameters()]
+        grads += [p.grad for p in module.sam.embedding_layer[i].parameters()]
+        if i in (2, 3):
+            assert all(g is not None and g.abs().sum() > 0 for g in grads), f"stage {i}"
+        else:
+            assert all(g is None for g in grads), f"stage {i} is not selected but got gradients"
+
+
+def test_teacher_changes_only_through_the_ema_rule() -> None:
+    module = build("demo_daformer")
+    s0 = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    fit(module, 1)
+    s1 = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    teacher = dict(module.teacher.model.named_parameters())
+    for n in s0:  # step 0 copies the student before its first update
+        assert torch.equal(teacher[n], s0[n]), n
+    assert any(not torch.equal(s0[n], s1[n]) for n in s0)
+    module.teacher.update(module.model, step=1)  # alpha_1 = 0.5
+    for n in s0:
+        torch.testing.assert_close(teacher[n], 0.5 * s0[n] + 0.5 * s1[n])
+
+
+def test_checkpoint_holds_no_sam_and_optimizer_skips_frozen(tmp_path: Path) -> None:
+    module = build("demo_ssr")
+    trainer = fit(module, 1)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    keys = ckpt["state_dict"].keys()
+    assert not any(k.startswith("sam.encoder") for k in keys)
+    assert "sam.fusion_layer.0.q.weight" in keys and "teacher.model.backbone.norm1.weight" in keys
+    assert ckpt["model_config"]["backbone"]["variant"] == "tiny"
+    n_opt = sum(len(g["params"]) for g in trainer.optimizers[0].param_groups)
+    trainable = [p for p in module.model.parameters()] + module.sam.trainable_parameters()
+    assert n_opt == len(trainable)
+
+
+def test_student_keys_identical_with_and_without_ssr() -> None:
+    plain, ssr = build("demo_daformer").model, build("demo_ssr").model
+    assert plain.state_dict().keys() == ssr.state_dict().keys()
+    assert not any(k.split(".")[0] not in ("backbone", "decode_head") for k in ssr.state_dict())
+
+
+def test_nan_loss_stops_with_step_and_term() -> None:
+    module = build("demo")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="'src_ce' is nan at step 0"):
+        trainer.fit(module, DataLoader(batches(1, nan=True), batch_size=None))
+
+
+def test_fd_without_imagenet_weights_is_an_error_unless_skipped() -> None:
+    with pytest.raises(InstantiationException) as info:
+        build("demo_daformer", "uda.fd_skip_without_pretrained=false")
+    assert isinstance(info.value.__cause__, UDAConfigError)
+    assert "uda.fd_skip_without_pretrained=true" in str(info.value.__cause__)
+    assert build("demo_daformer").fd_weight == 0.0
+
+
+def test_empty_stage_list_is_plain_daformer() -> None:
+    assert build("demo_ssr", "uda.sam.stages=[]").sam is None
+
+
+def test_bf16_mixed_step_on_cpu(imagenet_file: Path) -> None:
+    module = build("demo_mic", pretrained=imagenet_file)
+    trainer = fit(module, 1, precision="bf16-mixed")
+    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    assert {"train/src_ce", "train/mix_ce", "train/mic_ce", "train/fd", "train/pl_weight"} <= set(
+        losses
+    )
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())

@@ -166,3 +166,14 @@ def test_bf16_mixed_step_on_cpu(imagenet_file: Path) -> None:
         losses
     )
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_single_summed_backward_gives_the_same_gradients(imagenet_file: Path) -> None:
+    grads = []
+    for single in ("false", "true"):
+        module = build("demo_mic", f"uda.single_backward={single}", pretrained=imagenet_file)
+        torch.manual_seed(0)  # dropout / drop-path draws
+        fit(module, 1)
+        grads.append({n: p.grad.clone() for n, p in module.model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
+from ssr import CONF_DIR
 from ssr.data.datasets import CityscapesDataset, DatasetError, read_label
 from ssr.data.transforms import test_transform
 from ssr.metrics import SegMetric, iou_table
@@ -35,7 +36,6 @@ from ssr.model.segmentor import Segmentor
 log = logging.getLogger(__name__)
 
 # Absolute: a relative config_path breaks when the module is imported (console script, tests).
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 GT_SUFFIX = "_gtFine_labelTrainIds.png"
 PRED_SUFFIX = "_trainIds.png"

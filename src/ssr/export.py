@@ -17,7 +17,8 @@ from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.table import Table
 
-from ssr.eval import CONF_DIR, load_segmentor
+from ssr import CONF_DIR
+from ssr.eval import load_segmentor
 from ssr.model.checkpoint import CheckpointError, export_segmentor
 
 log = logging.getLogger(__name__)

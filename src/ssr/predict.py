@@ -25,10 +25,11 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import track
 
+from ssr import CONF_DIR
 from ssr.data.datasets import DatasetError, read_image
 from ssr.data.labels import colorize
 from ssr.data.transforms import test_transform
-from ssr.eval import CONF_DIR, load_segmentor, resolve_device
+from ssr.eval import load_segmentor, resolve_device
 from ssr.model.checkpoint import CheckpointError
 from ssr.model.segmentor import Segmentor
 

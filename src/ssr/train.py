@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from ssr import CONF_DIR
 from ssr.data.datasets import DatasetError
-from ssr.eval import CONF_DIR
 from ssr.metrics import iou_table
 from ssr.model.checkpoint import CheckpointError
 from ssr.uda.module import NonFiniteLossError, UDAConfigError

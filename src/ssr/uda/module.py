@@ -66,6 +66,8 @@ class UDAModule(pl.LightningModule):
         teacher_bn_eval: deviation: pseudo-label with the teacher fully in eval mode.
         model_config: the Hydra model config, stored in checkpoints so eval/export can rebuild it.
         test_mode / test_crop_size / test_stride: validation inference (§3.2).
+        single_backward: sum every loss group into one backward call instead of the reference's
+            separate calls (same gradients, higher peak memory; benchmarks/uda_memory.py).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class UDAModule(pl.LightningModule):
         test_crop_size: Sequence[int] = (512, 512),
         test_stride: Sequence[int] = (341, 341),
         seed: int = 0,
+        single_backward: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False  # separate backward per loss group, one step (§4.9)
@@ -145,6 +148,7 @@ class UDAModule(pl.LightningModule):
         self.np_rng = np.random.default_rng(seed)
         self.py_rng = random.Random(seed)
         self.torch_gen = torch.Generator().manual_seed(seed)
+        self._pending: list[Tensor] = []  # losses awaiting the single summed backward
 
     @staticmethod
     def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -184,6 +188,9 @@ class UDAModule(pl.LightningModule):
             if self.masker is not None:
                 xk = self.masker(self._strong_aug(xt, per_image=False), generator=self.torch_gen)
                 logs |= self._seg_backward("mic_ce", self.model.features(xk), pl_lbl, pl_w)
+        if self._pending:
+            self.manual_backward(sum(self._pending))
+            self._pending.clear()
         opt.step()
         sched.step()
         logs["lr"] = torch.tensor(sched.get_last_lr()[0])
@@ -243,7 +250,7 @@ class UDAModule(pl.LightningModule):
             self._check_finite(f"ssr_{name}", enh)
             out[f"ssr_{name}"] = enh.detach()
             loss = loss + enh
-        self.manual_backward(loss, retain_graph=bool(keep))
+        self._backward(loss, retain_graph=bool(keep))
         return out
 
     def _fd_backward(self, xs: Tensor, ys: Tensor, feats: list[Tensor]) -> Tensor:
@@ -253,8 +260,15 @@ class UDAModule(pl.LightningModule):
             feats[-1], f_imnet, ys, self.hparams.fd_classes, min_ratio=self.hparams.fd_min_ratio
         )
         self._check_finite("fd", fd)
-        self.manual_backward(self.fd_weight * fd)
+        self._backward(self.fd_weight * fd)
         return fd.detach()
+
+    def _backward(self, loss: Tensor, retain_graph: bool = False) -> None:
+        """One backward call per loss group (§4.9), or deferred to a single summed one."""
+        if self.hparams.single_backward:
+            self._pending.append(loss)
+        else:
+            self.manual_backward(loss, retain_graph=retain_graph)
 
     def _check_finite(self, name: str, loss: Tensor) -> None:
         if not torch.isfinite(loss):

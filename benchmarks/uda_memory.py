@@ -1,0 +1,116 @@
+"""Peak memory of one UDA training step: separate backward calls (the reference) vs one summed loss.
+
+ALGORITHM.md §4.9: the reference back-propagates each loss group as soon as it is computed, so the
+activations of the source pass are freed before the mixed pass runs. Issue 3 asks that our step
+never needs more memory than a single summed-loss implementation; this measures both side by side
+(`uda.single_backward=false|true`, same seed, same batch) for DAFormer, MIC and MIC + SSR.
+
+    python benchmarks/uda_memory.py [--device cpu|cuda] [--model daformer_mitb0] [--size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from peak_memory import peak_bytes
+from torch.utils.data import DataLoader
+
+from ssr import CONF_DIR
+from ssr.model.mit import build_mit
+
+EXPERIMENTS = ("demo_daformer", "demo_mic", "demo_mic_ssr")
+
+
+def _imagenet_file(variant: str, folder: Path) -> Path:
+    """A randomly initialised backbone saved in the SegFormer layout, so that FD runs."""
+    path = folder / f"mit_{variant}.pth"
+    torch.save(build_mit(variant).state_dict(), path)
+    return path
+
+
+def _batch(size: int, batch: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    lbl = torch.randint(0, 19, (batch, size // 32, size // 32), generator=g)
+    lbl = lbl.repeat_interleave(32, 1).repeat_interleave(32, 2)
+    return {
+        "src_img": torch.randn(batch, 3, size, size, generator=g),
+        "src_lbl": lbl,
+        "tgt_img": torch.randn(batch, 3, size, size, generator=g),
+    }
+
+
+def step_peak(
+    experiment: str, single: bool, args: argparse.Namespace, weights: Path
+) -> dict[str, Any]:
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"experiment={experiment}",
+                f"model={args.model}",
+                f"model.backbone.pretrained={weights}",
+                f"uda.single_backward={str(single).lower()}",
+                f"uda.pl_ignore_top={args.size * 15 // 512}",
+                f"uda.pl_ignore_bottom={args.size * 120 // 512}",
+            ],
+        )
+    torch.manual_seed(0)
+    module = instantiate(
+        cfg.uda,
+        segmentor=instantiate(cfg.model),
+        optim=cfg.optim,
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
+        _recursive_=False,
+    )
+    trainer = pl.Trainer(
+        accelerator=args.device,
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    loader = DataLoader([_batch(args.size, args.batch)], batch_size=None)
+    start = time.perf_counter()
+    peak, _ = peak_bytes(torch.device(args.device), lambda: trainer.fit(module, loader))
+    return {"peak_bytes": peak, "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="daformer_mitb0")
+    parser.add_argument("--size", type=int, default=128, help="square crop side")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/uda_memory.json")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {"setup": vars(args).copy(), "steps": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = _imagenet_file(args.model.removeprefix("daformer_mit"), Path(tmp))
+        for exp in EXPERIMENTS:
+            separate = step_peak(exp, False, args, weights)
+            summed = step_peak(exp, True, args, weights)
+            ratio = separate["peak_bytes"] / summed["peak_bytes"]
+            results["steps"][exp] = {"separate": separate, "summed": summed, "ratio": ratio}
+            print(
+                f"{exp:14s} separate {separate['peak_bytes'] / 2**20:8.1f} MiB   "
+                f"summed {summed['peak_bytes'] / 2**20:8.1f} MiB   separate/summed {ratio:.2f}"
+            )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -20,3 +20,15 @@ def shared_fixtures() -> Path:
     if not SHARED_FIXTURES.is_dir():
         pytest.skip(f"real-data fixtures not found at {SHARED_FIXTURES} (../shared is CI-only)")
     return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small prepared synthetic domain-shift dataset (GTA5 + Cityscapes format), built once."""
+    from ssr.data import prepare, synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(root, num_source=8, num_target_train=4, num_target_val=2)
+    assert prepare.main(["gta5", str(root / "gta"), "--nproc", "1"]) == 0
+    assert prepare.main(["cityscapes", str(root / "cityscapes"), "--nproc", "1"]) == 0
+    return root

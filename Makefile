@@ -3,7 +3,6 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export NO_ALBUMENTATIONS_UPDATE := 1
-export WANDB_MODE ?= offline
 # The tested torch pair; both lie on this machine's local wheel store (see README, "Install").
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 

@@ -14,13 +14,24 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from ssr import CONF_DIR
+from ssr.callbacks import WandbConfigError
+from ssr.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointOnSignal,
+    RNGStateCallback,
+    resolve_ckpt_path,
+)
 from ssr.data.datasets import DatasetError
 from ssr.metrics import iou_table
 from ssr.model.checkpoint import CheckpointError
@@ -29,6 +40,11 @@ from ssr.uda.sam import SamCheckpointError
 
 log = logging.getLogger(__name__)
 
+
+class TrainerConfigError(ValueError):
+    """A trainer setting that cannot work for this launch (DDP sampler, DDP inside a sweep)."""
+
+
 # Errors a user can fix from the command line: one line on stderr, exit code 2.
 USER_ERRORS = (
     DatasetError,
@@ -36,6 +52,8 @@ USER_ERRORS = (
     SamCheckpointError,
     NonFiniteLossError,
     UDAConfigError,
+    WandbConfigError,
+    TrainerConfigError,
     FileNotFoundError,
 )
 
@@ -60,10 +78,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:  # the resolved config with the run (wandb config, CSV hparams.yaml)
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = _build_trainer(cfg, callbacks, loggers)
     _print_summary(cfg, module, trainer)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt(cfg.ckpt_path, output_dir))
+    if trainer.global_step < trainer.max_steps:  # pre-empted (SIGUSR1) or interrupted (Ctrl-C)
+        log.warning(f"stopped at step {trainer.global_step}; resume with ckpt_path=auto or last")
+        return {}
     metrics: dict[str, Any] = {
         k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
     }
@@ -78,14 +101,64 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list) -> pl.Trainer:
+    """The trainer of `cfg.trainer` plus what exact resume needs in every run: atomic checkpoint
+    files, the RNG states in them, a step-boundary checkpoint on SIGUSR1 (SLURM pre-emption);
+    `precision: auto` resolved (`_auto_precision`)."""
+    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=[*callbacks, RNGStateCallback(), CheckpointOnSignal()],
+        logger=loggers or False,
+        plugins=plugins,
+        precision=_auto_precision(cfg.trainer),
+    )
+    if trainer.world_size > 1 and cfg.trainer.get("use_distributed_sampler", True):
+        raise TrainerConfigError(
+            "multi-process training needs trainer.use_distributed_sampler=false (the datamodule "
+            "shards its endless sample stream itself); use trainer=ddp"
+        )
+    launcher = trainer.strategy.launcher
+    if (
+        HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+        and isinstance(launcher, _SubprocessScriptLauncher)
+        and not launcher.cluster_environment.creates_processes_externally
+        and trainer.world_size > 1
+    ):
+        raise TrainerConfigError(
+            "trainer=ddp inside a local -m sweep: Lightning re-runs this command line for every "
+            "extra GPU and each copy would start the whole sweep; run the jobs one by one or "
+            "with hydra/launcher=submitit_slurm"
+        )
+    return trainer
+
+
+def _auto_precision(trainer_cfg: DictConfig) -> str | int | None:
+    """`auto`: bf16-mixed on CUDA GPUs with bf16 (Ampere+), 16-mixed on older ones, else 32-true.
+
+    Mixed precision is a deviation from the reference's fp32 (ALGORITHM.md §10.1).
+    """
+    value = trainer_cfg.get("precision")
+    if value != "auto":
+        return value
+    if trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda") and (
+        torch.cuda.is_available()
+    ):
+        return "bf16-mixed" if torch.cuda.get_device_capability() >= (8, 0) else "16-mixed"
+    return "32-true"
+
+
 def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`last` means the run directory's last.ckpt; anything else must be an existing file."""
-    if ckpt_path is None:
-        return None
-    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path {path} does not exist; pass an existing .ckpt file")
-    return str(path)
+    """`ssr.checkpointing.resolve_ckpt_path` with this run's Hydra overrides."""
+    overrides, siblings = None, True
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        overrides = list(hydra_cfg.overrides.task)
+        siblings = hydra_cfg.mode != RunMode.MULTIRUN  # a sweep's siblings are other jobs
+    return resolve_ckpt_path(ckpt_path, output_dir, overrides, siblings)
 
 
 def _print_summary(cfg: DictConfig, module: pl.LightningModule, trainer: pl.Trainer) -> None:
@@ -123,8 +196,11 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except Exception as err:
-        # Hydra wraps constructor errors (e.g. a missing weights file) in InstantiationException.
-        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        # Hydra wraps constructor errors (e.g. a missing weights file) in InstantiationException,
+        # once per nesting level (SAM is built inside the UDA module).
+        cause: BaseException | None = err
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
         if not isinstance(cause, USER_ERRORS):
             raise
         print(f"error: {cause}", file=sys.stderr)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ssr.data.datasets import CityscapesDataset, GTA5Dataset
 from ssr.data.rcs import RareClassSampler
@@ -43,11 +43,34 @@ def _seed_transform(transform: Any, seed: int) -> None:
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
+class _CropRecorder:
+    """Runs a training pipeline and keeps where its last call cropped and flipped.
+
+    For the SAM feature cache (issue 4): cached features are cut from full-image maps at the crop
+    box in the resized image. ``crop`` = (resized height, resized width, top, left, flip).
+    """
+
+    def __init__(self, transform: Any):
+        transform.save_applied_params = True  # albumentations records each call's parameters
+        self.transform, self.crop = transform, torch.zeros(5, dtype=torch.int64)
+
+    def __call__(self, **data: Any) -> dict[str, Any]:
+        out = self.transform(**data)
+        applied = dict(out.pop("applied_transforms"))
+        crop = applied["CatMaxRandomCrop"]
+        (height, width), (top, _, left, _) = crop["shape"][:2], crop["crop_box"]
+        flip = int("HorizontalFlip" in applied)
+        self.crop = torch.tensor([height, width, top, left, flip], dtype=torch.int64)
+        return out
+
+
 class UDATrainDataset(Dataset):
     """Training pairs of §4.1: {src_img, src_lbl[, tgt_img], index}, a pure function of (seed, i).
 
     With RCS the source crop is re-drawn (new crop and flip, same file) up to ``max_rcs_tries``
     times until it keeps enough pixels of the drawn class; the next draw is accepted unchecked.
+    With ``crop_info`` items also carry ``src_file``/``tgt_file`` (path inside the dataset root)
+    and ``src_crop``/``tgt_crop`` (see ``_CropRecorder``), for cached SAM features.
     """
 
     def __init__(
@@ -61,6 +84,7 @@ class UDATrainDataset(Dataset):
         self.source, self.target, self.rcs = source, target, rcs
         self.seed = seed
         self.max_rcs_tries = max_rcs_tries
+        self.crop_info = False
 
     def __len__(self) -> int:
         # Nominal size, as the reference's |source|·|target|; the sampler ignores it.
@@ -78,39 +102,54 @@ class UDATrainDataset(Dataset):
         src_seed, tgt_seed = (int(s) for s in rng.integers(2**63, size=2))
         return src_index, class_id, tgt_index, src_seed, tgt_seed
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         src_index, class_id, tgt_index, src_seed, tgt_seed = self.draw(index)
         image, label = self.source.read(src_index)
         _seed_transform(self.source.transform, src_seed)
+        src_tf = _CropRecorder(self.source.transform) if self.crop_info else None
         for attempt in range(self.max_rcs_tries + 1):
-            src = self.source.make_item(src_index, image, label)
+            src = self.source.make_item(src_index, image, label, src_tf)
             if class_id is None or attempt == self.max_rcs_tries:
                 break
             assert self.rcs is not None
             if self.rcs.accepts(src["label"], class_id):
                 break
         out = {"src_img": src["img"], "src_lbl": src["label"], "index": torch.tensor(index)}
+        if src_tf is not None:
+            out |= {"src_file": _relative(self.source, src_index), "src_crop": src_tf.crop}
         if self.target is not None and tgt_index is not None:
             _seed_transform(self.target.transform, tgt_seed)
             tgt_image, _ = self.target.read(tgt_index)
-            out["tgt_img"] = self.target.make_item(tgt_index, tgt_image, None)["img"]
+            tgt_tf = _CropRecorder(self.target.transform) if self.crop_info else None
+            out["tgt_img"] = self.target.make_item(tgt_index, tgt_image, None, tgt_tf)["img"]
+            if tgt_tf is not None:
+                out |= {"tgt_file": _relative(self.target, tgt_index), "tgt_crop": tgt_tf.crop}
         return out
+
+
+def _relative(dataset: GTA5Dataset | CityscapesDataset, index: int) -> str:
+    return dataset.images[index].relative_to(dataset.root).as_posix()
 
 
 class InfiniteIndexSampler(Sampler[int]):
     """Yields 0, 1, 2, ... from ``position`` forever; ``position`` is the resumable state.
 
+    Under DDP, rank ``r`` of ``W`` yields ``position + r``, ``position + r + W``, ...: per-rank
+    batches of ``B`` together hold exactly the samples of one single-process batch of ``B·W``.
+    ``position`` always counts the whole (global) stream, so it is the same on every rank.
     It runs in the main process ahead of training by the loader's prefetch, so the datamodule
     prefers the consumed count it reads from the batches (see ``UDADataModule.state_dict``).
     """
 
-    def __init__(self, position: int = 0):
-        self.position = position
+    def __init__(self, position: int = 0, rank: int = 0, num_replicas: int = 1):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"sampler rank {rank} must lie in [0, {num_replicas})")
+        self.position, self.rank, self.num_replicas = position, rank, num_replicas
 
     def __iter__(self) -> Iterator[int]:
         while True:
-            index = self.position
-            self.position += 1
+            index = self.position + self.rank
+            self.position += self.num_replicas
             yield index
 
 
@@ -141,6 +180,8 @@ class UDADataModule(LightningDataModule):
         with_target: also load target training crops (False: source-only baseline).
         align_label_to_image: deviation from the reference, see ``GTA5Dataset``.
         seed: seed of the training sample stream; None = ``torch.initial_seed()`` at setup.
+        crop_info: add each crop's file and box to training batches (``UDATrainDataset``); set
+            by ``UDAModule.setup`` when SAM features come from a cache.
     """
 
     def __init__(
@@ -159,6 +200,7 @@ class UDADataModule(LightningDataModule):
         with_target: bool = True,
         align_label_to_image: bool = False,
         seed: int | None = None,
+        crop_info: bool = False,
     ):
         super().__init__()
         self.source_root, self.target_root = str(source_root), str(target_root)
@@ -172,6 +214,7 @@ class UDADataModule(LightningDataModule):
         self.val_split, self.with_target = val_split, with_target
         self.align_label_to_image = align_label_to_image
         self.seed = seed
+        self.crop_info = crop_info
         self.next_index = 0
         self.rcs_sampler: RareClassSampler | None = None
         self.train_set: UDATrainDataset | None = None
@@ -202,6 +245,8 @@ class UDADataModule(LightningDataModule):
                 target_train_transform(self.target_resize, self.crop_size),
                 label=False,
             )
+        if self.seed is None:
+            self.seed = torch.initial_seed()  # the global seed after seed_everything
         if self.rcs_config is not None:
             self.rcs_sampler = RareClassSampler(
                 self.source_root,
@@ -209,9 +254,8 @@ class UDADataModule(LightningDataModule):
                 min_pixels=self.rcs_config.min_pixels,
                 min_crop_ratio=self.rcs_config.min_crop_ratio,
                 available=source.label_index.keys(),
+                seed=self.seed,
             )
-        if self.seed is None:
-            self.seed = torch.initial_seed()  # the global seed after seed_everything
         return UDATrainDataset(source, target, self.rcs_sampler, self.seed)
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
@@ -221,14 +265,23 @@ class UDADataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            # Own generator: creating an iterator then draws nothing from the global torch RNG,
+            # whose stream (dropout, drop-path) a resumed run must continue exactly.
+            generator=torch.Generator().manual_seed(self.seed or 0),
             **kwargs,
         )
+
+    def _replica(self) -> tuple[int, int]:
+        """(rank, world size) of this process: every rank reads its own share of the data."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
         assert self.train_set is not None
-        self._train_sampler = InfiniteIndexSampler(self._sync_next_index())
+        self.train_set.crop_info = self.crop_info
+        self._train_sampler = InfiniteIndexSampler(self._sync_next_index(), *self._replica())
         return self._loader(
             self.train_set, self.batch_size, sampler=self._train_sampler, drop_last=True
         )
@@ -237,7 +290,15 @@ class UDADataModule(LightningDataModule):
         if self.val_set is None:
             self.setup("validate")
         assert self.val_set is not None
-        return self._loader(self.val_set, 1, shuffle=False)
+        rank, world = self._replica()
+        # Under DDP rank r evaluates images r, r+W, ... (no padding, unlike DistributedSampler):
+        # SegMetric sums the confusion matrices over ranks, so every image counts exactly once.
+        dataset = (
+            self.val_set
+            if world == 1
+            else Subset(self.val_set, range(rank, len(self.val_set), world))
+        )
+        return self._loader(dataset, 1, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -245,7 +306,9 @@ class UDADataModule(LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Lightning calls this in the main process for every batch it consumes."""
         if isinstance(batch, dict) and "index" in batch:
-            self._consumed = int(batch["index"].max()) + 1
+            # Global count: this rank's last index is (global position) - W + rank.
+            rank, world = self._replica()
+            self._consumed = int(batch["index"].max()) - rank + world
         return batch
 
     def _sync_next_index(self) -> int:

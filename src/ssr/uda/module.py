@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from ssr.checkpointing import for_this_rank, gather_from_ranks, rank_seed
 from ssr.data.labels import CLASSES, MEAN, STD, THING_CLASSES
 from ssr.metrics import SegMetric
 from ssr.model.segmentor import Segmentor
@@ -34,6 +35,10 @@ def _plain(cfg: DictConfig | dict[str, Any] | None) -> dict[str, Any] | None:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return None if cfg is None else dict(cfg)
+
+
+# Logged with prog_bar=True: the terms to watch while a run trains (STYLE.md §4.10).
+PROG_BAR_TERMS = ("src_ce", "mix_ce", "mic_ce", "pl_weight")
 
 
 class UDAConfigError(ValueError):
@@ -100,9 +105,7 @@ class UDAModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False  # separate backward per loss group, one step (§4.9)
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
-        optim, masking, sam, model_config = (
-            _plain(c) for c in (optim, masking, sam, model_config)
-        )
+        optim, masking, sam, model_config = (_plain(c) for c in (optim, masking, sam, model_config))
         fd_classes, test_crop_size, test_stride = (
             list(v) for v in (fd_classes, test_crop_size, test_stride)
         )
@@ -143,12 +146,17 @@ class UDAModule(pl.LightningModule):
         self.val_metric = SegMetric()
         self.test_metric = SegMetric()
         self.test_results: dict[str, Any] | None = None
+        self.val_results: dict[str, Any] | None = None  # the latest validation (IoU plots)
         # Own RNGs (ClassMix classes, gates, jitter factors, blur sigma, MIC masks), saved in
         # checkpoints so a resumed run draws the same numbers.
         self.np_rng = np.random.default_rng(seed)
         self.py_rng = random.Random(seed)
         self.torch_gen = torch.Generator().manual_seed(seed)
         self._pending: list[Tensor] = []  # losses awaiting the single summed backward
+        # Debug panels (ssr.callbacks.DebugImages) set `capture_debug` on the steps they draw;
+        # only then does the step fill `debug` with detached CPU copies of its tensors.
+        self.capture_debug = False
+        self.debug: dict[str, Tensor] | None = None
 
     @staticmethod
     def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -163,12 +171,21 @@ class UDAModule(pl.LightningModule):
             self.imnet_backbone.eval()
         return self
 
+    def setup(self, stage: str) -> None:
+        """Cached SAM features are cut at each crop's box: ask the datamodule to send them."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.sam is not None and self.sam.cache is not None and datamodule is not None:
+            datamodule.crop_info = True
+        self._seed_rank_streams(stage)
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         opt, sched = self.optimizers(), self.lr_schedulers()
         xs, ys, step = batch["src_img"], batch["src_lbl"], self.global_step
         opt.zero_grad(set_to_none=True)
         logs: dict[str, Tensor] = {}
+        self.debug = {} if self.capture_debug else None
+        self._stash(src_img=xs, src_lbl=ys)
         if not self.self_training:
             logs |= self._seg_backward("src_ce", self.model.features(xs), ys)
         else:
@@ -176,8 +193,15 @@ class UDAModule(pl.LightningModule):
             self.teacher.update(self.model, step)
             pl_lbl, pl_w = self.teacher.pseudo_label(xt, **self._pl_kwargs())
             logs["pl_weight"] = pl_w.amax()  # the scalar q (rows outside the crop bands)
-            xm, ym, wm = self._class_mix(xs, ys, xt, pl_lbl, pl_w)
-            sam_src, sam_mix = self.sam.encode_pair(xs, xm) if self.sam else (None, None)
+            xm, ym, wm, mask = self._class_mix(xs, ys, xt, pl_lbl, pl_w)
+            if self.debug is not None:
+                conf = self._teacher_confidence(xt)
+                self._stash(
+                    tgt_img=xt, pl_lbl=pl_lbl, pl_w=pl_w, pl_conf=conf, mix_img=xm, mix_lbl=ym
+                )
+            sam_src, sam_mix = (
+                self.sam.step_features(xs, xm, mask, batch) if self.sam else (None, None)
+            )
 
             feats = self.model.features(xs)
             logs |= self._seg_backward("src_ce", feats, ys, sam_feats=sam_src, keep=self.fd_weight)
@@ -187,6 +211,7 @@ class UDAModule(pl.LightningModule):
             logs |= self._seg_backward("mix_ce", self.model.features(xm), ym, wm, sam_feats=sam_mix)
             if self.masker is not None:
                 xk = self.masker(self._strong_aug(xt, per_image=False), generator=self.torch_gen)
+                self._stash(mic_img=xk)
                 logs |= self._seg_backward("mic_ce", self.model.features(xk), pl_lbl, pl_w)
         if self._pending:
             self.manual_backward(sum(self._pending))
@@ -194,8 +219,13 @@ class UDAModule(pl.LightningModule):
         opt.step()
         sched.step()
         logs["lr"] = torch.tensor(sched.get_last_lr()[0])
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
-        self.log("train/loss", sum(v for k, v in logs.items() if k.endswith("ce")), prog_bar=True)
+        main = {k: v for k, v in logs.items() if k in PROG_BAR_TERMS}  # shown in the progress bar
+        # sync_dist: under DDP the logged terms are means over ranks, i.e. over the global batch.
+        self.log_dict({f"train/{k}": v for k, v in main.items()}, prog_bar=True, sync_dist=True)
+        rest = {f"train/{k}": v for k, v in logs.items() if k not in main}
+        self.log_dict(rest, prog_bar=False, sync_dist=True)
+        total = sum(v for k, v in logs.items() if k.endswith("ce"))
+        self.log("train/loss", total, prog_bar=True, sync_dist=True)
 
     def _pl_kwargs(self) -> dict[str, Any]:
         hp = self.hparams
@@ -223,13 +253,16 @@ class UDAModule(pl.LightningModule):
 
     def _class_mix(
         self, xs: Tensor, ys: Tensor, xt: Tensor, pl_lbl: Tensor, pl_w: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """ClassMix source classes onto the target crop, then strongly augment (§4.6)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ClassMix source classes onto the target crop, then strongly augment (§4.6).
+
+        Returns the mixed image, label, weight and the mask (cached SAM features are mixed too).
+        """
         m = class_mix_masks(ys, self.np_rng)  # (B, 1, H, W)
         xm = mix(m, xs, xt)
         ym = mix(m[:, 0], ys, pl_lbl).long()
         wm = mix(m[:, 0], torch.ones_like(pl_w), pl_w)
-        return self._strong_aug(xm, per_image=True), ym, wm
+        return self._strong_aug(xm, per_image=True), ym, wm, m
 
     def _seg_backward(
         self,
@@ -241,11 +274,18 @@ class UDAModule(pl.LightningModule):
         keep: float = 0.0,
     ) -> dict[str, Tensor]:
         """CE of the shadow branch (+ SSR's enhanced branch), one backward call (§6.7, 6-12)."""
-        loss = weighted_ce(self.model.decode(feats), label, weight)
+        logits = self.model.decode(feats)
+        loss = weighted_ce(logits, label, weight)
         self._check_finite(name, loss)
         out = {name: loss.detach()}
+        if self.debug is not None:
+            self._stash(**{name.removesuffix("_ce") + "_pred": logits.argmax(1)})
         if sam_feats is not None:
             fused = self.sam.fuse(feats, sam_feats)
+            if self.debug is not None and name == "src_ce":  # how much SAM changes each stage
+                self._stash(
+                    **{f"ssr_delta_{i}": (fused[i] - feats[i]).norm(dim=1) for i in self.sam.stages}
+                )
             enh = self.sam.loss_weight * weighted_ce(self.model.decode(fused), label, weight)
             self._check_finite(f"ssr_{name}", enh)
             out[f"ssr_{name}"] = enh.detach()
@@ -269,6 +309,26 @@ class UDAModule(pl.LightningModule):
             self._pending.append(loss)
         else:
             self.manual_backward(loss, retain_graph=retain_graph)
+
+    def _stash(self, **tensors: Tensor) -> None:
+        """Detached CPU copies for the debug panels, only on the steps a callback asked for."""
+        if self.debug is not None:
+            for k, v in tensors.items():
+                v = v.detach().cpu()
+                self.debug[k] = v.float() if v.is_floating_point() else v
+
+    @torch.no_grad()
+    def _teacher_confidence(self, xt: Tensor) -> Tensor:
+        """(B, H, W) max softmax of the teacher on the target crop (debug panels only).
+
+        Re-runs the forward of `pseudo_label` (same weights and mode); BatchNorm statistics are
+        restored so drawing a panel never changes training.
+        """
+        buffers = [b.clone() for b in self.teacher.model.buffers()]
+        logits = self.teacher.model(xt)
+        for b, saved in zip(self.teacher.model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+        return torch.softmax(logits.float(), dim=1).amax(dim=1)
 
     def _check_finite(self, name: str, loss: Tensor) -> None:
         if not torch.isfinite(loss):
@@ -297,7 +357,7 @@ class UDAModule(pl.LightningModule):
         metric.update(logits.argmax(1), label)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metric("val", self.val_metric)
+        self.val_results = self._log_metric("val", self.val_metric)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._log_metric("test", self.test_metric)
@@ -341,16 +401,33 @@ class UDAModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --------------------------------------------------------------- checkpoints
+    def _seed_rank_streams(self, stage: str) -> None:
+        """Under DDP rank r > 0 draws its augmentations from its own stream, seeded (seed, r).
+
+        Rank 0 keeps the single-process stream. Called from `setup`, i.e. before a checkpoint is
+        restored, so a resumed run gets every rank's saved state back (`on_load_checkpoint`).
+        """
+        rank = self.trainer.global_rank
+        if stage == "fit" and rank > 0:
+            seed = rank_seed(self.hparams.seed, rank)
+            self.np_rng = np.random.default_rng([self.hparams.seed, rank])
+            self.py_rng = random.Random(seed)
+            self.torch_gen = torch.Generator().manual_seed(seed)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = self.hparams.model_config
-        checkpoint["uda_rng"] = {
+        state = {
             "numpy": self.np_rng.bit_generator.state,
             "python": self.py_rng.getstate(),
             "torch": self.torch_gen.get_state(),
         }
+        checkpoint["uda_rng"] = gather_from_ranks(state)  # one entry per rank (collective)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("uda_rng")
+        states = checkpoint.get("uda_rng")
+        trainer = self._trainer  # None when loaded outside a Trainer (e.g. load_from_checkpoint)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        state = for_this_rank(states, rank, world)
         if state is not None:
             self.np_rng.bit_generator.state = state["numpy"]
             self.py_rng.setstate(state["python"])

@@ -10,13 +10,22 @@ Decisions (§6.10): SAM is frozen explicitly (no grad, eval mode, not in the opt
 rebuilt from its file); the data normalisation is checked against SAM's own, not assumed; the
 attention is `scaled_dot_product_attention` by default (identical math, no 16384x4096 matrix kept),
 with the reference's explicit softmax(QK^T * scale)V behind `attention="explicit"`.
+
+Opt-in deviation (issue 4), `cache_dir`: SAM features precomputed once per full resized image by
+`python -m ssr.sam_cache` (tiles at the online scale, one token = `token_px` pixels of the resized
+image), cut and flipped at feature resolution like the pixel crop (`SamFeatureCache`), and the
+mixed image's features built as the ClassMix blend of the cached source and target features.
+The strong augmentation (colour jitter, blur) of the mixed image is then not seen by SAM, and
+each crop's features come from fixed tiles instead of the crop alone (README, "SAM feature cache").
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
+import math
 import pickle
 import re
 import zipfile
@@ -26,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything import sam_model_registry
@@ -43,6 +53,13 @@ ATTENTION_MODES = ("sdpa", "explicit")
 
 class SamCheckpointError(RuntimeError):
     """A SAM or SSR weight file is missing, unreadable, or does not fit the requested variant."""
+
+
+class SamCacheError(SamCheckpointError):
+    """A SAM feature cache is missing, incomplete, or does not fit the encoder or the data.
+
+    A SamCheckpointError subclass: the CLIs already report those as one-line user errors.
+    """
 
 
 @dataclass(frozen=True)
@@ -332,8 +349,8 @@ class SamRegularizer(nn.Module):
         data_mean / data_std: the normalisation of the images given to `encode`; must equal SAM's.
         input_size: side SAM sees; None = the encoder's img_size (1024: 512 crops upsampled 2x).
         attention: "sdpa" (fused kernel) or "explicit" (reference formulation).
-        cache_dir: opt-in precomputed SAM features (issue 4 deviation); read by the UDA module
-            and the cache CLI, recorded here so the config group carries it.
+        cache_dir: opt-in deviation (issue 4): a folder written by `python -m ssr.sam_cache`;
+            `step_features` then cuts features from it instead of running SAM online.
     """
 
     def __init__(
@@ -380,6 +397,12 @@ class SamRegularizer(nn.Module):
             img_size,
         )
         self.sam_dim: int = self.encoder.neck[0].out_channels
+        self.grid: int = img_size // self.encoder.patch_embed.proj.kernel_size[0]  # tokens per side
+        self.cache = (
+            SamFeatureCache(cache_dir, encoder_fingerprint(self.encoder), self.sam_dim, self.grid)
+            if cache_dir
+            else None
+        )
         self.embedding_layer = nn.ModuleList(StageProjection(self.sam_dim, c) for c in stage_dims)
         self.fusion_layer = nn.ModuleList(
             CrossAttentionFusion(c, h, attention)
@@ -421,6 +444,29 @@ class SamRegularizer(nn.Module):
         """Source and mixed crops through SAM in one batch, split back (§6.3)."""
         feats = self.encoder(torch.cat([self._sam_input(src), self._sam_input(mix)]))
         return feats[: src.shape[0]], feats[src.shape[0] :]
+
+    def step_features(
+        self, src: Tensor, mix: Tensor, mix_mask: Tensor, batch: Mapping[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        """S_src, S_mix of one training step: online (§6.3) or, with `cache_dir`, from the cache.
+
+        Cached: the source and target crops' features are cut from their full-image maps and the
+        mixed features are mask*S_src + (1-mask)*S_tgt with `mix_mask` (B, 1, h, w), the ClassMix
+        mask, averaged over each token's pixels. The strong augmentation of `mix` is not reflected.
+        """
+        if self.cache is None:
+            return self.encode_pair(src, mix)
+        missing = [k for k in ("src_file", "src_crop", "tgt_file", "tgt_crop") if k not in batch]
+        if missing:
+            raise SamCacheError(
+                f"the training batch lacks {missing}: cached SAM features need the crop boxes "
+                "of UDADataModule(crop_info=True), which UDAModule.setup turns on"
+            )
+        crop = (src.shape[-2], src.shape[-1])
+        s_src = self.cache.crops("source", batch["src_file"], batch["src_crop"], crop).to(src)
+        s_tgt = self.cache.crops("target", batch["tgt_file"], batch["tgt_crop"], crop).to(src)
+        mask = F.adaptive_avg_pool2d(mix_mask.to(s_src.dtype), s_src.shape[-2:])  # source share
+        return s_src, mask * s_src + (1 - mask) * s_tgt
 
     def fuse(self, feats: Sequence[Tensor], sam_feats: Tensor) -> list[Tensor]:
         """c_i + CrossAttn_i(c_i, Proj_i(S)) on the selected stages, c_i elsewhere (§6.6).
@@ -494,3 +540,161 @@ def _close(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) == len(b) and all(
         abs(float(x) - float(y)) < 1e-3 for x, y in zip(a, b, strict=True)
     )
+
+
+# ------------------------------------------------------------------------ SAM feature cache
+# Opt-in deviation of issue 4. Written by `python -m ssr.sam_cache`, read by SamFeatureCache.
+CACHE_FORMAT, CACHE_VERSION = "ssr-sam-cache", 1
+CACHE_MANIFEST = "manifest.json"
+CACHE_DOMAINS = ("source", "target")
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """sha256 of a few encoder tensors: tells a cache from another SAM file or seed apart."""
+    state = encoder.state_dict()
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state if k.startswith(("patch_embed.", "pos_embed", "neck."))):
+        digest.update(key.encode())
+        digest.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_token_px(crop_size: Sequence[int], grid: int) -> tuple[int, int]:
+    """Pixels of the (resized) image per SAM token: the crop is stretched to SAM's grid x grid."""
+    ch, cw = (int(c) for c in crop_size)
+    if ch % grid or cw % grid:
+        raise SamCacheError(
+            f"crop {ch}x{cw} is not a multiple of SAM's {grid}x{grid} token grid, so cached "
+            "features cannot be cut at token boundaries; use a crop size divisible by it"
+        )
+    return ch // grid, cw // grid
+
+
+def cache_map_size(
+    image_size: Sequence[int], crop_size: Sequence[int], token_px: Sequence[int]
+) -> tuple[int, int]:
+    """(Hf, Wf) tokens of a full-image map: the image padded to >= one crop, to whole tokens."""
+    return tuple(  # type: ignore[return-value]
+        max(c, math.ceil(n / p) * p) // p
+        for n, c, p in zip(image_size, crop_size, token_px, strict=True)
+    )
+
+
+def cache_file(root: str | Path, domain: str, relative: str) -> Path:
+    """Where the features of image `relative` (path inside its dataset root) are stored."""
+    return Path(root) / domain / Path(relative).with_suffix(".npy")
+
+
+def crop_features(
+    full: np.ndarray | Tensor,
+    top: int,
+    left: int,
+    flip: bool,
+    grid: Sequence[int],
+    token_px: Sequence[int],
+) -> Tensor:
+    """The (C, gh, gw) features of the crop at (top, left) of the resized image, from its map.
+
+    Crop token (i, j) is full-map token (top/ph + i, left/pw + j): an exact slice when the offset
+    is a multiple of the token size, bilinear between the neighbouring tokens otherwise (edges
+    replicated). The crop's horizontal flip flips the token grid (token j <-> gw - 1 - j).
+    """
+    (gh, gw), (ph, pw) = grid, token_px
+    hf, wf = full.shape[-2:]
+    fy, fx = top / ph, left / pw
+    y0, x0 = int(fy), int(fx)
+    dy, dx = fy - y0, fx - x0
+    rows = np.clip(np.arange(y0, y0 + gh + 1), 0, hf - 1)
+    cols = np.clip(np.arange(x0, x0 + gw + 1), 0, wf - 1)
+    if isinstance(full, Tensor):
+        win = full[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)].float()
+    else:  # a memory-mapped .npy: reads only the rows it needs
+        win = torch.from_numpy(np.ascontiguousarray(full[:, rows][:, :, cols])).float()
+    out = win[:, :gh, :gw]
+    if dy or dx:
+        out = (
+            (1 - dy) * (1 - dx) * out
+            + (1 - dy) * dx * win[:, :gh, 1:]
+            + dy * (1 - dx) * win[:, 1:, :gw]
+            + dy * dx * win[:, 1:, 1:]
+        )
+    return out.flip(-1) if flip else out.contiguous()
+
+
+class SamFeatureCache:
+    """Reads a cache written by `python -m ssr.sam_cache` and cuts crops from it.
+
+    Checked once at construction: format, completeness, and that it was computed by this very
+    encoder (fingerprint) with this feature size and grid. Checked per crop: the crop size and
+    the full-image map size implied by the resized image (a changed `data.*_resize` fails here).
+    """
+
+    def __init__(self, root: str | Path, fingerprint: str, dim: int, grid: int) -> None:
+        self.root = Path(root)
+        path = self.root / CACHE_MANIFEST
+        rebuild = (
+            f"build it with `python -m ssr.sam_cache experiment=<name> uda.sam.cache_dir={root}`"
+        )
+        if not path.is_file():
+            raise SamCacheError(f"SAM feature cache {self.root} has no {CACHE_MANIFEST}: {rebuild}")
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SamCacheError(f"{path} is not a readable manifest ({e}): {rebuild}") from e
+        if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
+            raise SamCacheError(
+                f"{path} is not a version-{CACHE_VERSION} {CACHE_FORMAT} manifest: {rebuild}"
+            )
+        if not manifest.get("complete"):
+            raise SamCacheError(
+                f"SAM feature cache {self.root} is incomplete: {rebuild} (it resumes)"
+            )
+        if manifest["fingerprint"] != fingerprint:
+            raise SamCacheError(
+                f"SAM feature cache {self.root} was computed by another SAM encoder "
+                f"({manifest['variant']}, {manifest['checkpoint']}): rebuild it for this one"
+            )
+        if manifest["dim"] != dim or manifest["grid"] != grid:
+            raise SamCacheError(
+                f"SAM feature cache {self.root} holds {manifest['dim']}-d features on a "
+                f"{manifest['grid']}-token grid, the encoder gives {dim}-d on {grid}: rebuild it"
+            )
+        self.manifest = manifest
+        self.grid = (grid, grid)
+        self.crop_size = tuple(manifest["crop_size"])
+        self.token_px = tuple(manifest["token_px"])
+
+    def crops(
+        self, domain: str, files: Sequence[str], crops: Tensor, crop_size: Sequence[int]
+    ) -> Tensor:
+        """(B, C, g, g) float32 features of B crops.
+
+        Args:
+            domain: "source" or "target".
+            files: image paths relative to the dataset root (the batch's `src_file`/`tgt_file`).
+            crops: (B, 5) int: resized height, resized width, crop top, crop left, flip.
+            crop_size: (h, w) of the crops the student sees.
+        """
+        if tuple(crop_size) != self.crop_size:
+            raise SamCacheError(
+                f"SAM feature cache {self.root} was built for {self.crop_size} crops, training "
+                f"uses {tuple(crop_size)}: rebuild it with the training config"
+            )
+        out = []
+        for name, (h, w, top, left, flip) in zip(files, crops.tolist(), strict=True):
+            path = cache_file(self.root, domain, name)
+            if not path.is_file():
+                raise SamCacheError(
+                    f"no cached SAM features {path} for {domain} image {name}: resume the cache "
+                    "with `python -m ssr.sam_cache` (same experiment and data roots)"
+                )
+            full = np.load(path, mmap_mode="r")
+            expected = cache_map_size((h, w), self.crop_size, self.token_px)
+            if tuple(full.shape[-2:]) != expected:
+                raise SamCacheError(
+                    f"{path} holds a {full.shape[-2]}x{full.shape[-1]} token map, a {h}x{w} "
+                    f"resized image needs {expected[0]}x{expected[1]}: the cache was built with "
+                    "another data.*_resize; rebuild it"
+                )
+            out.append(crop_features(full, top, left, bool(flip), self.grid, self.token_px))
+        return torch.stack(out)

@@ -1,0 +1,242 @@
+"""Run visibility (issue 5): wandb offline runs, debug panels, IoU plots, the wandb id on resume."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ssr.callbacks import (
+    BACKGROUND,
+    WANDB_ID_FILE,
+    WANDB_ID_KEY,
+    grid_size,
+    iou_bar_chart,
+    tile_box,
+    wandb_logger,
+    wandb_mode,
+)
+from ssr.data.labels import CLASSES
+from ssr.uda.module import UDAModule
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a `.wandb` file (a LevelDB-style log of 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, buf, out = 7, b"", []  # 7-byte file header: magic, version
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack_from("<HB", data, pos + 4)  # after a 4-byte checksum
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            record = pb.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+            buf = b""
+    return out
+
+
+def test_wandb_offline_run_debug_panels_and_iou_plots(synthetic_root: Path, tmp_path: Path) -> None:
+    out, wandb_dir = tmp_path / "run", tmp_path / "wandb_home"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"}
+    env |= {"WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": "", "HYDRA_FULL_ERROR": "1"}
+    env["OMP_NUM_THREADS"] = "1"  # tiny tensors: threads only contend on a shared CI machine
+    overrides = [
+        "experiment=demo_mic_ssr",
+        "logger=[csv,wandb]",
+        f"data.source_root={synthetic_root / 'gta'}",
+        f"data.target_root={synthetic_root / 'cityscapes'}",
+        "data.num_workers=0",
+        "data.rcs.min_pixels=10",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.debug_images.every_n_steps=1",
+        "callbacks.debug_images.max_images=1",
+        "callbacks.debug_images.tile_size=64",
+        f"hydra.run.dir={out}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssr.train", *overrides],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # One offline run under WANDB_DIR, its id kept in the run dir and in the checkpoint.
+    runs = list((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    run_id = (out / WANDB_ID_FILE).read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt[WANDB_ID_KEY] == run_id
+
+    records = wandb_records(runs[0] / f"run-{run_id}.wandb")
+    meta = next(r.run for r in records if r.HasField("run"))
+    assert (meta.run_id, meta.display_name, meta.project) == (run_id, "demo_mic_ssr-s0", "ssr")
+    assert meta.run_group == "demo_mic_ssr" and "mic" in meta.tags
+    history = {i.key or "/".join(i.nested_key) for r in records for i in r.history.item}
+    expected = ["train/src_ce", "train/mix_ce", "train/mic_ce", "train/ssr_src_ce", "val/mIoU"]
+    expected += ["train/pl_weight", "val/IoU/road", "debug/panel/_type", "val/IoU_bars/_type"]
+    expected += ["val/IoU_table/_type", "test/IoU_table/_type"]
+    assert not [k for k in expected if k not in history], sorted(history)
+    config = {i.key: i.value_json for r in records for i in r.config.update}
+    assert config["task_name"] == '"demo_mic_ssr"'  # the resolved Hydra config is with the run
+    assert {"data", "model", "uda", "optim", "trainer"} <= config.keys()
+    assert str(synthetic_root) in config["data"]  # resolved, not ${paths.data_dir}
+    media = runs[0] / "files" / "media" / "images"
+    assert len(list((media / "debug").glob("panel_*.png"))) == 2
+    assert len(list((media / "val").glob("IoU_bars_*.png"))) == 1
+
+    # Debug panels: MIC + SSR on 1 sample = 5 rows (source, target, mixed, MIC, 4 SSR stages).
+    rows = [3, 3, 3, 2, 4]
+    for step in (0, 1):
+        panel = np.asarray(Image.open(out / "debug" / f"step_{step:06d}.png").convert("RGB"))
+        assert panel.shape[1::-1] == grid_size(len(rows), max(rows), (64, 64))
+        for r, n in enumerate(rows):
+            for c in range(max(rows)):
+                left, top, right, bottom = tile_box(r, c, (64, 64))
+                tile = panel[top:bottom, left:right]
+                drawn = (tile != BACKGROUND).any(axis=-1).mean()
+                assert drawn > 0.9 if c < n else drawn == 0.0, (step, r, c)
+                if c == 0:  # source / target / mixed / masked image: a picture, not a flat fill
+                    assert tile.std() > 5.0, (step, r)
+    assert (out / "debug" / "val_iou_step_000002.png").is_file()
+    assert (out / "debug" / "test_iou_step_000002.png").is_file()
+
+
+def test_iou_bar_chart_draws_present_classes_only() -> None:
+    iou = {c: None for c in CLASSES} | {"road": 100.0, "car": 50.0}
+    img = np.asarray(iou_bar_chart(iou, "val"))
+    road, car = (
+        np.all(img == np.array(rgb), axis=-1).sum() for rgb in [(128, 64, 128), (0, 0, 142)]
+    )
+    assert road > 0 and abs(car / road - 0.5) < 0.05  # bar length ∝ IoU
+    assert not np.all(img == np.array((220, 20, 60)), axis=-1).any()  # person: n/a, no bar
+
+
+def batches(n: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        lbl = torch.randint(0, 19, (2, 4, 4), generator=g).repeat_interleave(16, 1)
+        lbl = lbl.repeat_interleave(16, 2)
+        src, tgt = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 3, 64, 64, generator=g)
+        out.append({"src_img": src, "src_lbl": lbl, "tgt_img": tgt})
+    return out
+
+
+def fit_two_steps(tmp_path: Path, draw: bool) -> UDAModule:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo_mic_ssr", "uda.sam.stages=[3]"])
+    torch.manual_seed(0)
+    module = instantiate(
+        cfg.uda,
+        segmentor=instantiate(cfg.model),
+        optim=cfg.optim,
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
+        _recursive_=False,
+    )
+    callbacks = [instantiate(cfg.callbacks.debug_images, out_dir=str(tmp_path))] if draw else []
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(batches(2), batch_size=None))
+    return module
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: on a shared 2-core machine extra intra-op threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_drawing_a_panel_never_changes_training(tmp_path: Path) -> None:
+    """Capture steps (extra teacher forward, copies) leave weights and BN statistics bit-equal."""
+    plain = fit_two_steps(tmp_path / "plain", draw=False)
+    drawn = fit_two_steps(tmp_path / "drawn", draw=True)  # every_n_steps=100: step 0 only
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["step_000000.png"]
+    assert drawn.debug is None and not drawn.capture_debug  # copies released after the step
+    a, b = plain.state_dict(), drawn.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(
+    ("offline", "env", "netrc_host", "mode"),
+    [
+        (None, {}, None, "offline"),  # no key anywhere: offline, sync later
+        (None, {"WANDB_API_KEY": "k" * 40}, None, "online"),
+        (None, {}, "api.wandb.ai", "online"),  # `wandb login` wrote ~/.netrc
+        (None, {"WANDB_BASE_URL": "https://wandb.example.org"}, "api.wandb.ai", "offline"),
+        (None, {"WANDB_MODE": "disabled", "WANDB_API_KEY": "k" * 40}, None, "disabled"),
+        (False, {"WANDB_MODE": "offline"}, None, "online"),  # asked for explicitly
+        (True, {"WANDB_API_KEY": "k" * 40}, None, "offline"),
+    ],
+)
+def test_wandb_mode_follows_key_env_and_setting(
+    offline: bool | None,
+    env: dict[str, str],
+    netrc_host: str | None,
+    mode: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    netrc = tmp_path / "netrc"
+    if netrc_host:
+        netrc.write_text(f"machine {netrc_host}\n  login user\n  password {'p' * 40}\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert wandb_mode(offline)[0] == mode
+
+
+def test_resume_continues_the_wandb_run_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    first = wandb_logger(save_dir=str(run), run_dir=str(run)).version
+    assert first == (run / WANDB_ID_FILE).read_text().strip() and len(first) == 8
+    assert wandb_logger(save_dir=str(run), run_dir=str(run)).version != first  # no resume: new
+    assert wandb_logger(save_dir=str(run), run_dir=str(run), ckpt_path="auto").version != first
+    # ckpt_path=last: the id stored in the checkpoint (WandbRunId) ...
+    (run / "checkpoints").mkdir()
+    torch.save({WANDB_ID_KEY: "abcd1234"}, run / "checkpoints" / "last.ckpt")
+    resumed = wandb_logger(save_dir=str(run), run_dir=str(run), ckpt_path="last")
+    assert resumed.version == "abcd1234" == (run / WANDB_ID_FILE).read_text().strip()
+    # ... else the wandb_run_id.txt of the run that wrote it (here: a checkpoint path elsewhere).
+    torch.save({"state_dict": {}}, run / "checkpoints" / "last.ckpt")
+    other = tmp_path / "other"
+    resumed = wandb_logger(
+        save_dir=str(other), run_dir=str(other), ckpt_path=str(run / "checkpoints" / "last.ckpt")
+    )
+    assert resumed.version == "abcd1234"
+    # A SLURM requeue (no ckpt_path, Lightning restores hpc_ckpt_N.ckpt itself).
+    torch.save({WANDB_ID_KEY: "slurm123"}, other / "hpc_ckpt_1.ckpt")
+    assert wandb_logger(save_dir=str(other), run_dir=str(other)).version == "slurm123"

@@ -1,0 +1,116 @@
+"""`python -m ssr.report`: mean ± std over seeds from fabricated multirun folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssr import report
+from ssr.data.labels import CLASSES
+
+
+def fake_run(
+    root: Path, job: str, overrides: list[str], miou: float, road: float, train: float | None
+) -> None:
+    """A Hydra job folder as ssr.train leaves it: .hydra/overrides.yaml and metrics.json."""
+    (root / job / ".hydra").mkdir(parents=True)
+    (root / job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    iou = {c: 50.0 for c in CLASSES} | {"road": road, "train": train}
+    metrics = {"mIoU": miou, "IoU": iou, "aAcc": 90.0, "num_images": 500}
+    (root / job / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "multirun"
+    # experiment=mic_ssr, seeds 0, 1, 2 (job 10 checks the natural 2 < 10 order)
+    fake_run(root, "0", ["experiment=mic_ssr", "seed=0"], 68.0, 97.0, 60.0)
+    fake_run(root, "1", ["experiment=mic_ssr", "seed=1"], 69.0, 96.0, None)
+    fake_run(root, "10", ["experiment=mic_ssr", "seed=2"], 70.0, 98.0, 64.0)
+    # a second group, one seed, a "++" override
+    fake_run(root, "2", ["experiment=mic", "++seed=0"], 66.5, 95.0, 10.0)
+    return root
+
+
+def test_groups_by_overrides_except_seed_with_mean_and_std(sweep: Path) -> None:
+    groups = report.collect(sweep)
+    assert [g.label for g in groups] == ["experiment=mic_ssr", "experiment=mic"]
+    ssr, mic = groups
+    assert ssr.seeds == "0,1,2" and [r.path for r in ssr.runs] == ["0", "1", "10"]
+    # By hand: mean(68, 69, 70) = 69, sample std = sqrt(((-1)² + 0² + 1²) / 2) = 1.
+    assert ssr.stat("mIoU") == pytest.approx((69.0, 1.0, 3))
+    # road: mean(97, 96, 98) = 97, std 1; train: absent in one run -> mean(60, 64) = 62,
+    # std = sqrt((2² + 2²) / 1) = 2.828…, over 2 values.
+    assert ssr.stat("road") == pytest.approx((97.0, 1.0, 3))
+    assert ssr.stat("train") == pytest.approx((62.0, 8**0.5, 2))
+    assert mic.stat("mIoU") == (66.5, None, 1)  # one seed: no std
+
+
+def test_cli_writes_markdown_and_csv(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text().splitlines()
+    assert md[0].startswith("| group | seeds | mIoU | aAcc | road |")
+    row = next(line for line in md if line.startswith("| experiment=mic_ssr"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["experiment=mic_ssr", "3 (0,1,2)", "69.00 ± 1.00"]
+    assert cells[3:5] == ["90.00 ± 0.00", "97.00 ± 1.00"]  # aAcc, road
+    assert cells[2 + 2 + CLASSES.index("train")] == "62.00 ± 2.83 (2/3)"
+    assert "| experiment=mic | 1 (0) | 66.50 |" in (out / "report.md").read_text()
+    with (out / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["group"] for r in rows] == ["experiment=mic_ssr", "experiment=mic"]
+    assert rows[0]["mIoU_mean"] == "69.0000" and rows[0]["mIoU_std"] == "1.0000"
+    assert rows[0]["train_n"] == "2" and rows[0]["runs"] == "0;1;10"
+    assert rows[1]["mIoU_std"] == "" and rows[1]["n_runs"] == "1"
+
+
+def test_more_ignored_keys_merge_groups(sweep: Path) -> None:
+    groups = report.collect(sweep, ignore=["seed", "experiment"])
+    assert len(groups) == 1 and groups[0].label == "(no overrides)" and len(groups[0].runs) == 4
+
+
+def test_folder_without_metrics_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "0").mkdir(parents=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssr.report", str(tmp_path / "empty")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "no metrics.json under" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("{not json", "unreadable metrics file"), ('{"mIoU": 1.0}', "expected {'mIoU'")],
+)
+def test_bad_metrics_file_names_the_file(
+    tmp_path: Path, content: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "metrics.json").write_text(content)
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(tmp_path / "0" / "metrics.json") in err
+
+
+def test_missing_folder_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert report.main([str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_seed_sweep_config_is_a_three_seed_multirun() -> None:
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["experiment=demo", "sweep=seeds"], return_hydra_config=True
+        )
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.sweeper.params == {"seed": "0,1,2"}

@@ -287,3 +287,10 @@ def test_hydra_configs_are_constructor_kwargs(name: str, tmp_path: Path):
     assert root.sam.checkpoint == str(tmp_path / SAM_VARIANTS[name].filename)
     with pytest.raises(Exception, match=SAM_VARIANTS[name].filename):  # Hydra wraps the error
         instantiate(root.sam, stage_dims=list(B5_DIMS), stage_heads=list(TINY_HEADS))
+
+
+def test_sha256_verification_rejects_a_file_that_is_not_the_release(tmp_path: Path) -> None:
+    fake = tmp_path / "sam_vit_b_01ec64.pth"
+    fake.write_bytes(b"not the released file")
+    with pytest.raises(SamCheckpointError, match="sha256"):
+        SamRegularizer(variant="vit_b", checkpoint=str(fake), verify_sha256=True)

@@ -194,13 +194,11 @@ class UDAModule(pl.LightningModule):
             pl_lbl, pl_w = self.teacher.pseudo_label(xt, **self._pl_kwargs())
             logs["pl_weight"] = pl_w.amax()  # the scalar q (rows outside the crop bands)
             xm, ym, wm, mask = self._class_mix(xs, ys, xt, pl_lbl, pl_w)
+            self._stash(tgt_img=xt, pl_lbl=pl_lbl, pl_w=pl_w, mix_img=xm, mix_lbl=ym)
             if self.debug is not None:
-                conf = self._teacher_confidence(xt)
-                self._stash(
-                    tgt_img=xt, pl_lbl=pl_lbl, pl_w=pl_w, pl_conf=conf, mix_img=xm, mix_lbl=ym
-                )
+                self._stash(pl_conf=self._teacher_confidence(xt))
             sam_src, sam_mix = (
-                self.sam.step_features(xs, xm, mask, batch) if self.sam else (None, None)
+                self.sam.step_features(xs, xm, mask, batch) if self.sam else (None,) * 2
             )
 
             feats = self.model.features(xs)
@@ -213,13 +211,14 @@ class UDAModule(pl.LightningModule):
                 xk = self.masker(self._strong_aug(xt, per_image=False), generator=self.torch_gen)
                 self._stash(mic_img=xk)
                 logs |= self._seg_backward("mic_ce", self.model.features(xk), pl_lbl, pl_w)
-        if self._pending:
-            self.manual_backward(sum(self._pending))
-            self._pending.clear()
+        self._flush_backward()
         opt.step()
         sched.step()
-        logs["lr"] = torch.tensor(sched.get_last_lr()[0])
-        main = {k: v for k, v in logs.items() if k in PROG_BAR_TERMS}  # shown in the progress bar
+        self._log_train(logs | {"lr": torch.tensor(sched.get_last_lr()[0])})
+
+    def _log_train(self, logs: dict[str, Tensor]) -> None:
+        """`train/<term>`; the main terms also in the progress bar (STYLE.md §4.10)."""
+        main = {k: v for k, v in logs.items() if k in PROG_BAR_TERMS}
         # sync_dist: under DDP the logged terms are means over ranks, i.e. over the global batch.
         self.log_dict({f"train/{k}": v for k, v in main.items()}, prog_bar=True, sync_dist=True)
         rest = {f"train/{k}": v for k, v in logs.items() if k not in main}
@@ -309,6 +308,12 @@ class UDAModule(pl.LightningModule):
             self._pending.append(loss)
         else:
             self.manual_backward(loss, retain_graph=retain_graph)
+
+    def _flush_backward(self) -> None:
+        """The single summed backward of `single_backward` mode (a no-op otherwise)."""
+        if self._pending:
+            self.manual_backward(sum(self._pending))
+            self._pending.clear()
 
     def _stash(self, **tensors: Tensor) -> None:
         """Detached CPU copies for the debug panels, only on the steps a callback asked for."""

@@ -349,6 +349,8 @@ class SamRegularizer(nn.Module):
         data_mean / data_std: the normalisation of the images given to `encode`; must equal SAM's.
         input_size: side SAM sees; None = the encoder's img_size (1024: 512 crops upsampled 2x).
         attention: "sdpa" (fused kernel) or "explicit" (reference formulation).
+        verify_sha256: check the checkpoint against the known sha256 of the official file first
+            (off by default: the values are corroborated third-party records, see SAM_VARIANTS).
         cache_dir: opt-in deviation (issue 4): a folder written by `python -m ssr.sam_cache`;
             `step_features` then cuts features from it instead of running SAM online.
     """
@@ -366,6 +368,7 @@ class SamRegularizer(nn.Module):
         input_size: int | None = None,
         attention: str = "sdpa",
         cache_dir: str | None = None,
+        verify_sha256: bool = False,
     ) -> None:
         super().__init__()
         if len(stage_dims) != len(stage_heads):
@@ -377,6 +380,8 @@ class SamRegularizer(nn.Module):
             raise ValueError(
                 f"stages={stages}: expected distinct indices in 0..{len(stage_dims) - 1}"
             )
+        if verify_sha256 and checkpoint is not None and variant in SAM_VARIANTS:
+            verify_sam_checkpoint(checkpoint, variant)
         self.encoder, self.pixel_mean, self.pixel_std = build_sam_encoder(variant, checkpoint)
         if not (_close(data_mean, self.pixel_mean) and _close(data_std, self.pixel_std)):
             raise ValueError(

@@ -51,6 +51,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from peak_memory import peak_bytes, sync
 from segment_anything import sam_model_registry
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -80,37 +81,6 @@ def sam_grid(variant: str = "vit_b") -> int:
     """Side of SAM's token grid (64 for every released SAM), read from the model, not restated."""
     with torch.device("meta"):
         return sam_model_registry[variant](checkpoint=None).image_encoder.pos_embed.shape[1]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_bytes(device: torch.device, fn: Callable[[], Any]) -> tuple[int, Any]:
-    """(peak bytes allocated while `fn` runs above the level before it, fn's result)."""
-    if device.type == "cuda":
-        _sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        result = fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base, result
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        result = fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    mem = [
-        e["args"] for e in events if e.get("name") == "[memory]" and e["args"]["Device Type"] == 0
-    ]
-    if not mem:
-        return 0, result
-    # The running total persists across profiler sessions: start from the level before event 0.
-    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
-    return max(m["Total Allocated"] for m in mem) - base, result
 
 
 class FusionCase:
@@ -169,10 +139,10 @@ def _measure(cases: Sequence[FusionCase], device, reps: int, warmup: int) -> dic
         for mode in ATTENTION_MODES:
             for c in cases:
                 c.zero_grad()
-            _sync(device)
+            sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             _run(cases, mode)
-            _sync(device)
+            sync(device)
             if i >= warmup:
                 wall[mode].append(1e3 * (time.perf_counter() - start))
                 cpu[mode].append(1e3 * (time.process_time() - start_cpu))
@@ -180,7 +150,7 @@ def _measure(cases: Sequence[FusionCase], device, reps: int, warmup: int) -> dic
     for mode in ATTENTION_MODES:
         for c in cases:
             c.zero_grad()
-        peak, saved = _peak_bytes(device, lambda mode=mode: _run_counting_saved(cases, mode))
+        peak, saved = peak_bytes(device, lambda mode=mode: _run_counting_saved(cases, mode))
         for c in cases:
             c.zero_grad()
         out[mode] = {
@@ -377,10 +347,10 @@ def inference_part(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         for i in range(args.infer_warmup + args.infer_reps):
             for name in names if i % 2 == 0 else names[::-1]:  # alternate who goes first
-                _sync(device)
+                sync(device)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 segmentors[name].inference(img, mode="whole", out_size=(2 * height, 2 * width))
-                _sync(device)
+                sync(device)
                 if i >= args.infer_warmup:
                     wall[name].append(1e3 * (time.perf_counter() - start))
                     cpu[name].append(1e3 * (time.process_time() - start_cpu))

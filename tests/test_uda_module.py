@@ -177,3 +177,13 @@ def test_single_summed_backward_gives_the_same_gradients(imagenet_file: Path) ->
         grads.append({n: p.grad.clone() for n, p in module.model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_mic_weight_scales_the_masked_loss() -> None:
+    logged = {}
+    for weight in (1.0, 0.25):
+        module = build("demo_mic", f"uda.mic_weight={weight}")
+        torch.manual_seed(0)
+        trainer = fit(module, 1)
+        logged[weight] = float(trainer.callback_metrics["train/mic_ce"])
+    assert logged[0.25] == pytest.approx(0.25 * logged[1.0], rel=1e-5)

@@ -246,6 +246,10 @@ class CheckpointOnSignal(pl.Callback):
         self.received = False
         self._previous: Any = None
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(signum=int(self.signum))
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed after Lightning's signal connector, so this handler is the one that runs.
         if threading.current_thread() is threading.main_thread():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
     datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")  # scan the datasets first: a bad layout fails before any model is built
     log.info(f"Instantiating segmentor <{cfg.model._target_}>")
     segmentor = instantiate(cfg.model)
     log.info(f"Instantiating UDA module <{cfg.uda._target_}>")
@@ -81,7 +83,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:  # the resolved config with the run (wandb config, CSV hparams.yaml)
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = _build_trainer(cfg, callbacks, loggers)
-    _print_summary(cfg, module, trainer)
+    _print_summary(cfg, module, trainer, datamodule)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt(cfg.ckpt_path, output_dir))
     if trainer.global_step < trainer.max_steps:  # pre-empted (SIGUSR1) or interrupted (Ctrl-C)
@@ -110,7 +112,13 @@ def _build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list)
         plugins.append(AtomicCheckpointIO())
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[*callbacks, RNGStateCallback(), CheckpointOnSignal()],
+        # SIGUSR1: SLURM's advance warning (--signal); SIGTERM: pre-emption / scancel.
+        callbacks=[
+            *callbacks,
+            RNGStateCallback(),
+            CheckpointOnSignal(signal.SIGUSR1),
+            CheckpointOnSignal(signal.SIGTERM),
+        ],
         logger=loggers or False,
         plugins=plugins,
         precision=_auto_precision(cfg.trainer),
@@ -161,7 +169,9 @@ def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
     return resolve_ckpt_path(ckpt_path, output_dir, overrides, siblings)
 
 
-def _print_summary(cfg: DictConfig, module: pl.LightningModule, trainer: pl.Trainer) -> None:
+def _print_summary(
+    cfg: DictConfig, module: pl.LightningModule, trainer: pl.Trainer, datamodule: Any
+) -> None:
     """One table with what is about to run: the first thing to check in a job log."""
     if not trainer.is_global_zero:
         return
@@ -169,7 +179,7 @@ def _print_summary(cfg: DictConfig, module: pl.LightningModule, trainer: pl.Trai
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     table = Table(title="ssr.train", show_header=False)
     rows = {
-        "experiment": str(cfg.get("tags") or cfg.task_name),
+        "experiment": f"{cfg.task_name} {list(cfg.get('tags') or [])}",
         "model": f"{cfg.model.backbone.variant} ({student:,} params shipped)",
         "trainable params": f"{trainable:,}",
         "uda": cfg.uda._target_.rsplit(".", 1)[-1]
@@ -180,6 +190,7 @@ def _print_summary(cfg: DictConfig, module: pl.LightningModule, trainer: pl.Trai
             if cfg.uda.get("sam")
             else ""
         ),
+        "data": f"{datamodule.describe()}, batch {cfg.data.batch_size}",
         "steps": str(cfg.trainer.max_steps),
         "device": f"{trainer.accelerator.__class__.__name__} x{trainer.num_devices}",
         "precision": str(trainer.precision),

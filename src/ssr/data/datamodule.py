@@ -271,6 +271,16 @@ class UDADataModule(LightningDataModule):
             **kwargs,
         )
 
+    def describe(self) -> str:
+        """Dataset sizes for the startup summary (after `setup`)."""
+        ts = self.train_set
+        parts = [] if ts is None else [f"{len(ts.source)} source"]
+        if ts is not None and ts.target is not None:
+            parts.append(f"{len(ts.target)} target train")
+        if self.val_set is not None:
+            parts.append(f"{len(self.val_set)} target {self.val_split}")
+        return ", ".join(parts) + (", RCS" if self.rcs_sampler is not None else "")
+
     def _replica(self) -> tuple[int, int]:
         """(rank, world size) of this process: every rank reads its own share of the data."""
         trainer = self.trainer

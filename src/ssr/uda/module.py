@@ -210,7 +210,9 @@ class UDAModule(pl.LightningModule):
             if self.masker is not None:
                 xk = self.masker(self._strong_aug(xt, per_image=False), generator=self.torch_gen)
                 self._stash(mic_img=xk)
-                logs |= self._seg_backward("mic_ce", self.model.features(xk), pl_lbl, pl_w)
+                logs |= self._seg_backward(
+                    "mic_ce", self.model.features(xk), pl_lbl, pl_w, scale=self.hparams.mic_weight
+                )
         self._flush_backward()
         opt.step()
         sched.step()
@@ -271,10 +273,11 @@ class UDAModule(pl.LightningModule):
         weight: Tensor | None = None,
         sam_feats: Tensor | None = None,
         keep: float = 0.0,
+        scale: float = 1.0,
     ) -> dict[str, Tensor]:
         """CE of the shadow branch (+ SSR's enhanced branch), one backward call (§6.7, 6-12)."""
         logits = self.model.decode(feats)
-        loss = weighted_ce(logits, label, weight)
+        loss = scale * weighted_ce(logits, label, weight)
         self._check_finite(name, loss)
         out = {name: loss.detach()}
         if self.debug is not None:

@@ -52,8 +52,17 @@ def test_missing_dataset_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert len(err) == 1 and "nowhere" in err[0], proc.stderr[-2000:]
 
 
-def test_missing_imagenet_weights_say_where_to_put_them(tmp_path: Path) -> None:
-    proc = run_train("experiment=daformer", f"paths.weights_dir={tmp_path}", cwd=tmp_path)
+def test_missing_imagenet_weights_say_where_to_put_them(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    proc = run_train(
+        "experiment=daformer",
+        f"paths.weights_dir={tmp_path}",
+        f"data.source_root={synthetic_root / 'gta'}",
+        f"data.target_root={synthetic_root / 'cityscapes'}",
+        "data.rcs=null",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "mit_b5.pth" in err[0] and "README" in err[0], proc.stderr[-2000:]

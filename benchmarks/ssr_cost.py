@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from peak_memory import peak_bytes, sync
 from segment_anything import sam_model_registry
 from torch.utils.data import DataLoader
@@ -65,6 +65,7 @@ from ssr.eval import load_segmentor
 from ssr.export import export
 from ssr.model.mit import MIT_VARIANTS
 from ssr.sam_cache import build_cache, tile_origins
+from ssr.train import build_module
 from ssr.uda.module import UDAModule
 from ssr.uda.sam import (
     ATTENTION_MODES,
@@ -249,17 +250,10 @@ def _compose(config: str, overrides: Sequence[str]) -> DictConfig:
         return compose(config, overrides=list(overrides))
 
 
-def _build_module(cfg: DictConfig, seed: int = 0) -> UDAModule:
-    """The UDA module of a composed train config, as `ssr.train.train` builds it."""
-    torch.manual_seed(seed)
-    return instantiate(
-        cfg.uda,
-        segmentor=instantiate(cfg.model),
-        optim=cfg.optim,
-        model_config=OmegaConf.to_container(cfg.model, resolve=True),
-        seed=seed,
-        _recursive_=False,
-    )
+def _build_module(cfg: DictConfig) -> UDAModule:
+    """The UDA module of a composed train config, from a fixed torch seed (same init each time)."""
+    torch.manual_seed(0)
+    return build_module(cfg)
 
 
 class StepTimer(pl.Callback):

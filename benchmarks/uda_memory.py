@@ -20,13 +20,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from peak_memory import peak_bytes
 from torch.utils.data import DataLoader
 
 from ssr import CONF_DIR
 from ssr.model.mit import build_mit
+from ssr.train import build_module
 
 EXPERIMENTS = ("demo_daformer", "demo_mic", "demo_mic_ssr")
 
@@ -65,13 +64,7 @@ def step_peak(
             ],
         )
     torch.manual_seed(0)
-    module = instantiate(
-        cfg.uda,
-        segmentor=instantiate(cfg.model),
-        optim=cfg.optim,
-        model_config=OmegaConf.to_container(cfg.model, resolve=True),
-        _recursive_=False,
-    )
+    module = build_module(cfg)
     trainer = pl.Trainer(
         accelerator=args.device,
         devices=1,

@@ -15,7 +15,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -30,6 +29,7 @@ from ssr.callbacks import (
     wandb_mode,
 )
 from ssr.data.labels import CLASSES
+from ssr.train import build_module
 from ssr.uda.module import UDAModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -149,13 +149,7 @@ def fit_two_steps(tmp_path: Path, draw: bool) -> UDAModule:
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo_mic_ssr", "uda.sam.stages=[3]"])
     torch.manual_seed(0)
-    module = instantiate(
-        cfg.uda,
-        segmentor=instantiate(cfg.model),
-        optim=cfg.optim,
-        model_config=OmegaConf.to_container(cfg.model, resolve=True),
-        _recursive_=False,
-    )
+    module = build_module(cfg)
     callbacks = [instantiate(cfg.callbacks.debug_images, out_dir=str(tmp_path))] if draw else []
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,

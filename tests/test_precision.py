@@ -8,12 +8,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from lightning.pytorch.plugins import MixedPrecision
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from ssr.train import _auto_precision
+from ssr.train import _auto_precision, build_module
 from ssr.uda.module import UDAModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -23,13 +22,7 @@ def build(experiment: str, *overrides: str) -> UDAModule:
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", *overrides])
     torch.manual_seed(0)
-    return instantiate(
-        cfg.uda,
-        segmentor=instantiate(cfg.model),
-        optim=cfg.optim,
-        model_config=OmegaConf.to_container(cfg.model, resolve=True),
-        _recursive_=False,
-    )
+    return build_module(cfg)
 
 
 def batch(size: int = 32) -> dict[str, torch.Tensor]:

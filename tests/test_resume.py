@@ -27,6 +27,7 @@ from ssr.checkpointing import (
     atomic_torch_save,
     resolve_ckpt_path,
 )
+from ssr.train import build_module
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -149,14 +150,7 @@ def build(synthetic_root: Path) -> tuple[pl.LightningModule, pl.LightningDataMod
             ],
         )
     pl.seed_everything(cfg.seed, workers=True)  # what train() does first
-    module = instantiate(
-        cfg.uda,
-        segmentor=instantiate(cfg.model),
-        optim=cfg.optim,
-        model_config=OmegaConf.to_container(cfg.model, resolve=True),
-        seed=cfg.seed,
-        _recursive_=False,
-    )
+    module = build_module(cfg)
     return module, instantiate(cfg.data)
 
 

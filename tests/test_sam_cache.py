@@ -23,6 +23,7 @@ from ssr.data.datamodule import UDADataModule
 from ssr.data.datasets import read_image
 from ssr.data.transforms import test_transform
 from ssr.sam_cache import build_cache, encode_full, tile_origins
+from ssr.train import build_module
 from ssr.uda.sam import SamCacheError, SamRegularizer, cache_file, crop_features
 
 
@@ -156,13 +157,7 @@ def test_training_from_the_cache_asks_the_datamodule_for_crops(
     cfg = _compose(
         "train", ["experiment=demo_ssr", *_data(synthetic_root), f"uda.sam.cache_dir={cache}"]
     )
-    module = instantiate(
-        cfg.uda,
-        segmentor=instantiate(cfg.model),
-        optim=cfg.optim,
-        model_config=OmegaConf.to_container(cfg.model, resolve=True),
-        _recursive_=False,
-    )
+    module = build_module(cfg)
     datamodule = instantiate(cfg.data, seed=0)
     assert not datamodule.crop_info
     encoder_calls = []

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from ssr.train import build_module
 from ssr.uda.module import NonFiniteLossError, UDAConfigError, UDAModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -24,14 +24,7 @@ def build(experiment: str, *overrides: str, pretrained: Path | None = None) -> U
     if pretrained is not None:
         cfg.model.backbone.pretrained = str(pretrained)
     torch.manual_seed(0)
-    seg = instantiate(cfg.model)
-    return instantiate(
-        cfg.uda,
-        segmentor=seg,
-        optim=cfg.optim,
-        model_config=OmegaConf.to_container(cfg.model, resolve=True),
-        _recursive_=False,
-    )
+    return build_module(cfg)
 
 
 @pytest.fixture(scope="module")

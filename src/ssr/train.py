@@ -36,7 +36,7 @@ from ssr.checkpointing import (
 from ssr.data.datasets import DatasetError
 from ssr.metrics import iou_table
 from ssr.model.checkpoint import CheckpointError
-from ssr.uda.module import NonFiniteLossError, UDAConfigError
+from ssr.uda.module import NonFiniteLossError, UDAConfigError, UDAModule
 from ssr.uda.sam import SamCheckpointError
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,25 @@ USER_ERRORS = (
 )
 
 
+def build_module(cfg: DictConfig) -> UDAModule:
+    """The student segmentor (`model` group) inside the UDA module (`uda` group).
+
+    The module builds its own training-only parts (teacher, SAM) from its config, with shapes
+    taken from the student, hence `_recursive_=False`.
+    """
+    log.info(f"Instantiating segmentor <{cfg.model._target_}>")
+    segmentor = instantiate(cfg.model)
+    log.info(f"Instantiating UDA module <{cfg.uda._target_}>")
+    return instantiate(
+        cfg.uda,
+        segmentor=segmentor,
+        optim=cfg.optim,
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
+        seed=cfg.seed,
+        _recursive_=False,
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build data, model, UDA module and trainer from `cfg`, fit, then test the final student."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -67,17 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # scan the datasets first: a bad layout fails before any model is built
-    log.info(f"Instantiating segmentor <{cfg.model._target_}>")
-    segmentor = instantiate(cfg.model)
-    log.info(f"Instantiating UDA module <{cfg.uda._target_}>")
-    module = instantiate(
-        cfg.uda,
-        segmentor=segmentor,
-        optim=cfg.optim,
-        model_config=OmegaConf.to_container(cfg.model, resolve=True),
-        seed=cfg.seed,
-        _recursive_=False,
-    )
+    module = build_module(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     for lg in loggers:  # the resolved config with the run (wandb config, CSV hparams.yaml)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import pickle
 import secrets
 import string
 from collections.abc import Mapping, Sequence
@@ -378,7 +379,8 @@ def previous_wandb_id(
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError) as err:  # ssr.train reports unreadable files itself
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        # ssr.train reports unreadable checkpoint files itself
         log.warning(f"wandb: cannot read the run id from {path}: {err}")
         ckpt = {}
     if ckpt.get(WANDB_ID_KEY):

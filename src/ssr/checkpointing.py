@@ -230,7 +230,7 @@ class RNGStateCallback(pl.Callback):
 
 # --------------------------------------------------------------------- pre-emption signals
 class CheckpointOnSignal(pl.Callback):
-    """On `signum`: checkpoint at the next step boundary, stop training, requeue the SLURM job.
+    """On any of `signums`: checkpoint at the next step boundary, stop, requeue the SLURM job.
 
     Submit with `sbatch --signal=SIGUSR1@120` (SLURM then signals 2 minutes before the time
     limit); outside SLURM `kill -USR1 <pid>` checkpoints and stops. The checkpoint is
@@ -241,40 +241,41 @@ class CheckpointOnSignal(pl.Callback):
     DDP a signal on any rank stops all ranks at the same step.
     """
 
-    def __init__(self, signum: int = signal.SIGUSR1, requeue: bool = True) -> None:
-        self.signum, self.requeue = signal.Signals(signum), requeue
-        self.received = False
-        self._previous: Any = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(signum=int(self.signum))
+    def __init__(
+        self, signums: Sequence[int] = (signal.SIGUSR1, signal.SIGTERM), requeue: bool = True
+    ) -> None:
+        self.signums, self.requeue = tuple(signal.Signals(s) for s in signums), requeue
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed after Lightning's signal connector, so this handler is the one that runs.
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.signums}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
+        self.received = signal.Signals(signum)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        # One all-reduce per step for all signals: a signal on any rank stops every rank.
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
-        self.received = False
+        name = self.received.name if self.received is not None else "signal on another rank"
+        self.received = None
         path = next_hpc_path(Path(trainer.default_root_dir))
         trainer.save_checkpoint(path)
-        log.warning(f"{self.signum.name}: saved {path} at step {trainer.global_step}; stopping")
+        log.warning(f"{name}: saved {path} at step {trainer.global_step}; stopping")
         trainer.should_stop = True
         if self.requeue and trainer.is_global_zero:
             requeue_slurm_job()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+            self._previous = {}
 
 
 def next_hpc_path(run_dir: Path) -> Path:

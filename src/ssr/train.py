@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,12 +121,7 @@ def _build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         # SIGUSR1: SLURM's advance warning (--signal); SIGTERM: pre-emption / scancel.
-        callbacks=[
-            *callbacks,
-            RNGStateCallback(),
-            CheckpointOnSignal(signal.SIGUSR1),
-            CheckpointOnSignal(signal.SIGTERM),
-        ],
+        callbacks=[*callbacks, RNGStateCallback(), CheckpointOnSignal()],
         logger=loggers or False,
         plugins=plugins,
         precision=_auto_precision(cfg.trainer),

@@ -19,7 +19,7 @@ install: $(PY) ## create .venv and install ssr (editable) with dev extras
 	$(PY) -m pip install $(TORCH_PIN)
 	$(PY) -m pip install -e ".[dev]" $(TORCH_PIN)
 
-test: ## fast test suite (< 10 min on 2 cores)
+test: ## fast test suite (about 3 min on 2 cores)
 	$(PY) -m pytest -m "not slow" -q
 
 test-all: ## every test, slow ones included
@@ -33,10 +33,7 @@ format: ## ruff fix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-data/synthetic:
-	$(PY) -m ssr.data.synthetic data/synthetic
-
-demo: data/synthetic ## synthetic data -> train tiny model on CPU -> per-class IoU table
+demo: ## synthetic data -> source-only, DAFormer, MIC, SSR, MIC+SSR on the CPU -> table + chart
 	$(PY) scripts/demo.py
 
 train: ## train (pass ARGS="experiment=mic_ssr ...")

@@ -1,25 +1,29 @@
-"""Does self-training close the synthetic domain gap? Target-val mIoU per method (issues 2 and 3).
+"""Does self-training close the synthetic domain gap? Target-val mIoU per method, over seeds.
 
 Trains the tiny DAFormer on the synthetic GTA5 -> Cityscapes shift (`ssr.data.synthetic`) with one
-seed and one step budget for every method, each as `python -m ssr.train experiment=<name>`:
+step budget for every method and every seed, each as `python -m ssr.train experiment=<name>`:
   source_only  experiment=demo           supervised on the source only (the lower bound)
-  daformer     experiment=demo_daformer  DACS self-training + RCS + PL crop (ALGORITHM.md §4)
+  daformer     experiment=demo_daformer  DACS self-training + RCS + PL crop (docs/method.md §4)
   mic          experiment=demo_mic       + masked image consistency (§5)
   ssr          experiment=demo_ssr       DAFormer + SSR with a tiny random-weight SAM (§6);
                                          exercises the path, no accuracy claim
+  mic_ssr      experiment=demo_mic_ssr   MIC + SSR, tiny random-weight SAM
   oracle       experiment=demo           supervised on the *target* train split with its labels
-                                         (the upper bound; issue 2: "the gap must be real")
+                                         (the upper bound: the domain gap must be real)
   daformer_no_pl (ablation, on request)  daformer with all pseudo-label weights 0
 The oracle reuses the source-only pipeline unchanged: its "source" root is a GTA5-layout view
 (`images/`, `labels/*_labelTrainIds.png`, symbolic links) of the target train split, sampled
 uniformly (no RCS statistics) and resized at the target's training scale.
 
 Every run is scored on the target val split by `ssr.train`'s final test (the final student,
-§8.4); the JSON keeps mIoU, aAcc, per-class IoU, wall time (process start to exit, so it includes
-~15 s of start-up and the test) and, for self-training, the mean pseudo-label weight of the last
-50 steps. An existing output file with the same steps and seed is updated per method.
+§8.4). Accuracy varies with the seed, so each method runs for every seed of `--seeds` and the table
+reports mean ± sample std (`ssr.report`'s statistics); claim an order between two methods only
+where the gap exceeds the spread. The JSON keeps every run (mIoU, aAcc, per-class IoU, wall time
+from process start to exit, the mean pseudo-label weight of the last 50 steps) and the summary.
+Runs are independent processes: `--jobs 2` runs two at a time (one thread each), with the same
+results as one at a time.
 
-Run: python benchmarks/uda_synthetic.py [--steps 600] [--seed 0] [--experiments source_only oracle]
+Run: python benchmarks/uda_synthetic.py [--steps 600] [--seeds 0 1 2] [--methods source_only oracle]
 """
 
 from __future__ import annotations
@@ -32,13 +36,18 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ssr.data import prepare
-from ssr.data.synthetic import SyntheticDataError, generate
+from ssr.data.prepare import prepare_cityscapes, prepare_gta5
+from ssr.data.synthetic import generate
+from ssr.errors import UserError
+from ssr.io import atomic_write_json
+from ssr.report import Group, read_run
+from ssr.run.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +57,7 @@ METHODS: dict[str, tuple[str, dict[str, str], str]] = {
     "daformer": ("demo_daformer", {}, "DAFormer (DACS + RCS)"),
     "mic": ("demo_mic", {}, "MIC(DAFormer)"),
     "ssr": ("demo_ssr", {}, "SSR(DAFormer), tiny random SAM"),
+    "mic_ssr": ("demo_mic_ssr", {}, "MIC + SSR, tiny random SAM"),
     "oracle": (
         "demo",
         {
@@ -63,23 +73,25 @@ METHODS: dict[str, tuple[str, dict[str, str], str]] = {
     # the difference to `daformer` is what the pseudo-labels themselves add.
     "daformer_no_pl": (
         "demo_daformer",
-        {"uda.pseudo_threshold": "1.5", "task_name": "demo_daformer_no_pl"},
+        {"uda.teacher.threshold": "1.5", "task_name": "demo_daformer_no_pl"},
         "DAFormer, pseudo-label weight 0 (ablation)",
     ),
 }
-DEFAULT = ["source_only", "daformer", "mic", "ssr", "oracle"]
+DEFAULT = ["source_only", "daformer", "mic", "ssr", "mic_ssr", "oracle"]
+
+
+class BenchmarkError(UserError):
+    """A run failed; the message names it and its log."""
 
 
 def ensure_data(data: Path) -> dict[str, Any]:
     """Synthetic set generated and prepared (idempotent); returns its generator settings."""
     generate(data)
     gta, cityscapes = data / "gta", data / "cityscapes"
-    todo = [("gta5", gta)] if not (gta / "sample_class_stats.json").is_file() else []
+    if not (gta / "sample_class_stats.json").is_file():
+        prepare_gta5(gta, nproc=1)
     if not any((cityscapes / "gtFine").glob("val/*/*_gtFine_labelTrainIds.png")):
-        todo.append(("cityscapes", cityscapes))
-    for dataset, root in todo:
-        if prepare.main([dataset, str(root)]) != 0:
-            raise RuntimeError(f"python -m ssr.data.prepare {dataset} {root} failed (see above)")
+        prepare_cityscapes(cityscapes, nproc=1)
     return json.loads((data / "synthetic.json").read_text())
 
 
@@ -93,7 +105,7 @@ def oracle_view(cityscapes: Path, out: Path) -> Path:
         stem = img.name.removesuffix("_leftImg8bit.png")
         lbl = cityscapes / "gtFine" / "train" / img.parent.name / f"{stem}_gtFine_labelTrainIds.png"
         if not lbl.is_file():
-            raise FileNotFoundError(f"{lbl} missing; run python -m ssr.data.prepare cityscapes")
+            raise BenchmarkError(f"{lbl} missing; run python -m ssr.data.prepare cityscapes")
         for link, target in (
             (images / f"{stem}.png", img),
             (labels / f"{stem}_labelTrainIds.png", lbl),
@@ -102,7 +114,7 @@ def oracle_view(cityscapes: Path, out: Path) -> Path:
             link.symlink_to(target.resolve())
         pairs += 1
     if pairs == 0:
-        raise FileNotFoundError(f"no target train images under {cityscapes}/leftImg8bit/train")
+        raise BenchmarkError(f"no target train images under {cityscapes}/leftImg8bit/train")
     return out
 
 
@@ -118,12 +130,12 @@ def last_pl_weight(run_dir: Path, last: int = 50) -> float | None:
     return sum(values[-last:]) / len(values[-last:]) if values else None
 
 
-def run(name: str, args: argparse.Namespace, oracle: Path) -> dict[str, Any]:
+def run(name: str, seed: int, args: argparse.Namespace, oracle: Path) -> dict[str, Any]:
     experiment, extra, _ = METHODS[name]
-    run_dir = args.log_dir / f"{name}_s{args.seed}_{args.steps}steps"
+    run_dir = args.log_dir / f"{name}_s{seed}_{args.steps}steps"
     settings = {
         "experiment": experiment,
-        "seed": str(args.seed),
+        "seed": str(seed),
         "trainer.max_steps": str(args.steps),
         "trainer.val_check_interval": str(args.steps),
         "data.source_root": str(args.data / "gta"),
@@ -141,8 +153,7 @@ def run(name: str, args: argparse.Namespace, oracle: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     metrics = run_dir / "metrics.json"
     if rc != 0 or not metrics.is_file():
-        tail = log.read_text().splitlines()[-15:]
-        raise RuntimeError(f"{name} failed (exit {rc}), log {log}:\n" + "\n".join(tail))
+        raise BenchmarkError(f"{name} seed {seed} failed (exit {rc}); see {log}")
     result = json.loads(metrics.read_text())
     return {
         "experiment": experiment,
@@ -161,62 +172,73 @@ def _rel(text: str) -> str:
     return text.replace(f"{ROOT}/", "")
 
 
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    """Mean ± sample std of mIoU and aAcc per method, with `ssr.report`'s statistics."""
+    summary = {}
+    for name, per_seed in report["results"].items():
+        group = Group(name)
+        for r in per_seed.values():
+            metrics = ROOT / r["run_dir"] / "metrics.json"
+            group.runs.append(read_run(metrics, metrics.parent.parent, ["seed"]))
+        stats = {m: group.stat(m) for m in ("mIoU", "aAcc")}
+        summary[name] = {
+            "seeds": sorted(int(s) for s in per_seed),
+            **{m: {"mean": mean, "std": std} for m, (mean, std, _) in stats.items()},
+        }
+    return summary
+
+
 def markdown(report: dict[str, Any]) -> str:
-    results = report["results"]
-    base = results.get("source_only", {}).get("mIoU")
+    summary = report["summary"]
+    base = summary.get("source_only", {}).get("mIoU", {}).get("mean")
     lines = [
-        f"Synthetic shift, tiny DAFormer, {report['steps']} steps, seed {report['seed']}, "
-        f"target val ({report['data']['num_target_val']} images)",
+        f"Synthetic shift, tiny DAFormer, {report['steps']} steps, target val "
+        f"({report['data']['num_target_val']} images), mean ± std over seeds {report['seeds']}",
         "",
-        "| method | experiment | target mIoU | Δ vs source-only | wall time |",
+        "| method | experiment | target mIoU | Δ vs source-only | aAcc |",
         "|---|---|---:|---:|---:|",
     ]
     for name, (experiment, _, label) in METHODS.items():
-        if name not in results:
+        if name not in summary:
             continue
-        r = results[name]
-        delta = "" if base is None or name == "source_only" else f"{r['mIoU'] - base:+.2f}"
-        lines.append(
-            f"| {label} | `{experiment}` | {r['mIoU']:.2f} | {delta} | {r['wall_s']:.0f} s |"
-        )
+        miou, aacc = summary[name]["mIoU"], summary[name]["aAcc"]
+        delta = "" if base is None or name == "source_only" else f"{miou['mean'] - base:+.1f}"
+        lines.append(f"| {label} | `{experiment}` | {_pm(miou)} | {delta} | {_pm(aacc)} |")
     return "\n".join(lines)
 
 
+def _pm(stat: dict[str, float | None]) -> str:
+    return f"{stat['mean']:.1f}" + ("" if stat["std"] is None else f" ± {stat['std']:.1f}")
+
+
+@cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600, help="optimiser steps per run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--experiments", nargs="+", choices=list(METHODS), default=DEFAULT)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "uda_synthetic.json"
     )
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
     parser.add_argument("--log-dir", type=Path, default=ROOT / "logs" / "uda_synthetic")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="OMP threads per run (1: see scripts/demo.py)"
-    )
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     args = parser.parse_args(argv)
     # absolute(), not resolve(): data/synthetic may be a link, kept as given.
     args.data, args.log_dir = args.data.absolute(), args.log_dir.absolute()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ["OMP_NUM_THREADS"] = "1"  # tiny tensors: extra threads only contend
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-    try:
-        data_settings = ensure_data(args.data)
-        oracle = oracle_view(args.data / "cityscapes", args.log_dir / "oracle_source")
-    except (SyntheticDataError, RuntimeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    data_settings = ensure_data(args.data)
+    oracle = oracle_view(args.data / "cityscapes", args.log_dir / "oracle_source")
     report: dict[str, Any] = {"results": {}}
-    if args.out.is_file():
+    if args.out.is_file():  # extend a report of the same step budget
         previous = json.loads(args.out.read_text())
-        if (previous.get("steps"), previous.get("seed")) == (args.steps, args.seed):
+        if previous.get("steps") == args.steps and "summary" in previous:
             report = previous
     report |= {
         "steps": args.steps,
-        "seed": args.seed,
         "data": data_settings,
-        "threads": args.threads,
         "machine": {
             "cpu_count": os.cpu_count(),
             "load_avg_at_start": [round(v, 2) for v in os.getloadavg()],
@@ -224,17 +246,20 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
         },
     }
-    for name in args.experiments:
-        print(f"{name}: training {METHODS[name][0]} for {args.steps} steps ...", flush=True)
-        try:
-            report["results"][name] = run(name, args, oracle)
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        r = report["results"][name]
-        print(f"{name}: target mIoU {r['mIoU']:.2f} in {r['wall_s']:.0f} s", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")  # after every run: partial OK
+
+    def one(name: str, seed: int) -> None:
+        result = run(name, seed, args, oracle)
+        report["results"].setdefault(name, {})[str(seed)] = result
+        print(f"{name} seed {seed}: target mIoU {result['mIoU']:.2f} in {result['wall_s']:.0f} s")
+
+    jobs = [(name, seed) for seed in args.seeds for name in args.methods]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for future in [pool.submit(one, *job) for job in jobs]:
+            future.result()
+    report["results"] = {n: report["results"][n] for n in METHODS if n in report["results"]}
+    report["seeds"] = sorted({int(s) for r in report["results"].values() for s in r})
+    report["summary"] = summarise(report)
+    atomic_write_json(args.out, report)
     print()
     print(markdown(report))
     return 0

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real-data fixtures in ../shared and cheap global settings."""
+"""Shared fixtures: the real-data fixtures in ../shared and a prepared synthetic dataset."""
 
 from __future__ import annotations
 
@@ -7,18 +7,23 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SHARED_FIXTURES
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
+# Set by .ci/run: a missing real-data fixture folder fails the tests instead of skipping them.
+REQUIRE_FIXTURES = os.environ.get("SSR_REQUIRE_FIXTURES") == "1"
 
 
 @pytest.fixture(scope="session")
 def shared_fixtures() -> Path:
-    """The real Cityscapes/GTA5 fixture files; skips when ../shared is absent (a user's machine)."""
+    """The real Cityscapes/GTA5 frames; skipped where ../shared is absent (a user's machine)."""
     if not SHARED_FIXTURES.is_dir():
-        pytest.skip(f"real-data fixtures not found at {SHARED_FIXTURES} (../shared is CI-only)")
+        reason = f"real-data fixtures not found at {SHARED_FIXTURES}"
+        if REQUIRE_FIXTURES:
+            pytest.fail(f"{reason}, and SSR_REQUIRE_FIXTURES=1 forbids skipping them")
+        pytest.skip(f"{reason} (research-only files, not in the repository)")
     return SHARED_FIXTURES
 
 
@@ -29,6 +34,6 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("synthetic")
     synthetic.generate(root, num_source=8, num_target_train=4, num_target_val=2)
-    assert prepare.main(["gta5", str(root / "gta"), "--nproc", "1"]) == 0
-    assert prepare.main(["cityscapes", str(root / "cityscapes"), "--nproc", "1"]) == 0
+    prepare.prepare_gta5(root / "gta", nproc=1)
+    prepare.prepare_cityscapes(root / "cityscapes", nproc=1)
     return root

@@ -1,8 +1,9 @@
-"""ClassMix, kornia-0.5.8 colour jitter, DACS blur, MIC block masks; ALGORITHM.md §4.6, §4.7, §5."""
+"""ClassMix, kornia-0.5.8 colour jitter, DACS blur, MIC block masks; docs/method.md §4.6-§5."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ from ssr.uda.augment import (
     sample_mix_classes,
     strong_augment,
 )
-from ssr.uda.masking import BlockMasker
+from ssr.uda.masking import MaskedConsistency
+from ssr.uda.mixing import DACSMixing
 
 
 def rgb(*values: float, size: int = 4) -> torch.Tensor:
@@ -246,7 +248,7 @@ def test_strong_augment_blur_sigma_sharing() -> None:
 
 # ------------------------------------------------------------------------------ MIC masking
 def test_block_mask_ratio_and_structure() -> None:
-    masker = BlockMasker(block_size=32, ratio=0.7)
+    masker = MaskedConsistency(block_size=32, ratio=0.7)
     mask = masker.mask((8, 3, 512, 512), generator=torch.Generator().manual_seed(0))
     assert mask.shape == (8, 1, 512, 512)
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
@@ -257,14 +259,56 @@ def test_block_mask_ratio_and_structure() -> None:
     assert abs(kept - 0.3) < 0.04
 
 
-def test_block_masker_applies_mask_and_is_seeded() -> None:
-    masker = BlockMasker(block_size=8, ratio=0.7)
+def test_masking_applies_mask_and_is_seeded() -> None:
+    masker = MaskedConsistency(block_size=8, ratio=0.7)
     img = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
     out = masker(img, generator=torch.Generator().manual_seed(1))
     mask = masker.mask(img.shape, generator=torch.Generator().manual_seed(1))
     assert mask.shape == (2, 1, 64, 48)
     torch.testing.assert_close(out, img * mask)
     assert out.eq(0).any() and 0.5 < (out == 0).float().mean() < 0.9
-    assert BlockMasker(32, 0.7).mask((1, 3, 80, 80)).shape == (1, 1, 80, 80)  # round(2.5) cells
+    assert MaskedConsistency(32, 0.7).mask((1, 3, 80, 80)).shape == (
+        1,
+        1,
+        80,
+        80,
+    )  # round(2.5) cells
     with pytest.raises(ValueError, match="ratio"):
-        BlockMasker(32, 1.5)
+        MaskedConsistency(32, 1.5)
+
+
+# -------------------------------------------------------------------------- DACS mixing part
+def test_mixing_is_classmix_then_strong_augmentation_from_its_own_streams() -> None:
+    """`DACSMixing` = class_mix_masks + mix + strong_augment, drawing from its generators in the
+    reference's order (ClassMix classes, then the two gates, then jitter / blur parameters)."""
+    g = torch.Generator().manual_seed(0)
+    xs, xt = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    ys = torch.randint(0, 5, (2, 32, 32), generator=g)
+    pl_lbl, pl_w = torch.randint(0, 19, (2, 32, 32), generator=g), torch.full((2, 32, 32), 0.3)
+    mixed = DACSMixing(seed=3)(xs, ys, xt, pl_lbl, pl_w)
+
+    np_rng, py_rng = np.random.default_rng(3), random.Random(3)
+    m = class_mix_masks(ys, np_rng)
+    u_jitter, u_blur = py_rng.random(), py_rng.random()
+    expected = strong_augment(
+        mix(m, xs, xt), u_jitter, u_blur, generator=torch.Generator().manual_seed(3),
+        np_rng=np_rng, per_image_order=True,
+    )  # fmt: skip
+    torch.testing.assert_close(mixed.image, expected, rtol=0, atol=0)
+    assert torch.equal(mixed.mask, m)
+    assert torch.equal(mixed.label, torch.where(m[:, 0].bool(), ys, pl_lbl))
+    assert torch.equal(mixed.weight, torch.where(m[:, 0].bool(), 1.0, 0.3))
+    assert torch.equal(pl_w, torch.full((2, 32, 32), 0.3))  # MIC reuses the un-mixed weight
+
+
+def test_mixing_rng_state_round_trip_and_blur_off() -> None:
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = DACSMixing(seed=1)
+    a.augment(x, per_image=True)
+    state = a.rng_state()
+    first = a.augment(x, per_image=False)
+    b = DACSMixing(seed=99)
+    b.load_rng_state(state)
+    assert torch.equal(b.augment(x, per_image=False), first)
+    no_blur = DACSMixing(color_jitter_p=1.0, blur=False, seed=1)  # no jitter, no blur
+    assert torch.equal(no_blur.augment(x, per_image=True), x)

@@ -1,8 +1,9 @@
-"""Checkpoint formats, exact-prefix selection, strict loads, clear failures (ALGORITHM §1.8, §9)."""
+"""Checkpoint formats, exact prefixes, strict loads, clear failures (docs/method.md §1.8, §9)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -22,7 +23,12 @@ from ssr.model.mit import MIT_VARIANTS
 TINY_CONFIG = {
     "_target_": "ssr.model.segmentor.Segmentor",
     "backbone": {"_target_": "ssr.model.mit.build_mit", "variant": "tiny", "pretrained": None},
-    "decode_head": {"_target_": "ssr.model.daformer_head.DAFormerHead", "in_channels": [16, 32]},
+    "decode_head": {
+        "_target_": "ssr.model.daformer_head.DAFormerHead",
+        "_partial_": True,
+        "embed_dim": 32,
+        "channels": 32,
+    },
 }
 
 
@@ -159,13 +165,13 @@ def test_truncated_and_missing_files(tmp_path: Path, work_dir_ckpt: Path) -> Non
     data = work_dir_ckpt.read_bytes()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"cut.pth: not a readable torch checkpoint \(trunc"):
+    with pytest.raises(CheckpointError, match=r"cut.pth: not a readable checkpoint \(trunc"):
         load_segmentor_weights(tiny_segmentor(0), cut)
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"empty.pth: not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"empty.pth: not a readable checkpoint"):
         read_model_config(empty)
-    with pytest.raises(CheckpointError, match=r"nowhere.pth: checkpoint file not found"):
+    with pytest.raises(CheckpointError, match=r"nowhere.pth: checkpoint not found"):
         load_segmentor_weights(tiny_segmentor(0), tmp_path / "nowhere.pth")
 
 
@@ -217,8 +223,8 @@ def test_export_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     export_segmentor(tiny_segmentor(5), path, TINY_CONFIG, meta={})
     before = path.read_bytes()
 
-    def crash(obj: object, f: Path) -> None:
-        Path(f).write_bytes(b"half")
+    def crash(obj: object, f: IO[bytes]) -> None:
+        f.write(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)

@@ -1,27 +1,49 @@
-"""Every experiment composes; group configs instantiate; the SSR stage sweep parses."""
+"""Every experiment composes and builds; group configs instantiate; the SSR stage sweep parses."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ssr import CONF_MODULE
 from ssr.data.datamodule import UDADataModule
+from ssr.model.inference import Inference
+from ssr.model.mit import MIT_VARIANTS
 from ssr.model.segmentor import Segmentor
+from ssr.run.cli import user_error
+from ssr.train import build_module
+from ssr.uda.fd import FeatureDistanceConfigError
+from ssr.uda.module import UDAModule
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+from helpers import compose_cfg
+
+
+def config_names(group: str) -> list[str]:
+    """The configs of a group, from the package (src/ssr/conf), as an installed wheel has them."""
+    folder = files(CONF_MODULE) / group
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
+
+
+EXPERIMENTS = config_names("experiment")
 PAPER = ["source_only", "daformer", "mic", "ssr", "mic_ssr"]
+MODELS = [f"daformer_mitb{i}" for i in range(6)]
+# Parameters of the network that ships (the student segmentor), docs/method.md §1-§2.
+SHIPPED = {"b5": 85_155_283, "tiny": 551_267}
+# SSR's trainable projection + fusion layers (§6.9) and the frozen SAM encoders.
+SSR_TRAINABLE = {"b5": 1_804_288, "tiny": 104_960}
+SAM_ENCODER = {"vit_b": 89_670_912, "tiny": 63_136}
 
 
-def compose_train(*overrides: str) -> DictConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+def n_params(module: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
 
 
 def test_paper_and_demo_experiments_exist() -> None:
@@ -31,56 +53,156 @@ def test_paper_and_demo_experiments_exist() -> None:
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_builds_datamodule(name: str) -> None:
-    cfg = compose_train(f"experiment={name}", "paths.data_dir=/nonexistent")
+    cfg = compose_cfg("train", f"experiment={name}", "paths.data_dir=/nonexistent")
     assert cfg.uda._target_ == "ssr.uda.module.UDAModule"
     dm = instantiate(cfg.data)  # no file access before setup()
     assert isinstance(dm, UDADataModule)
     assert OmegaConf.select(cfg, "trainer.max_steps") > 0
+    assert list(cfg.data.test_resize) == list(cfg.inference.resize)  # one test scale
+
+
+def random_weights(name: str, *overrides: str) -> DictConfig:
+    """`experiment=name` with every pretrained file replaced by random weights."""
+    cfg = compose_cfg("train", f"experiment={name}")
+    random = ["model.backbone.pretrained=null"]
+    if cfg.uda.fd is not None:  # FD preserves ImageNet features: without them there are none
+        random.append("uda.fd=null")
+    if cfg.uda.sam is not None:
+        random.append("uda.sam.encoder.checkpoint=null")  # random SAM
+    return compose_cfg("train", f"experiment={name}", *random, *overrides)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_builds_its_uda_module(name: str) -> None:
+    """The full module of every experiment, with random weights; paper-scale ones on the meta
+    device (shapes and counts without allocating up to ~260 M parameters)."""
+    cfg = random_weights(name)
+    variant = cfg.model.backbone.variant
+    with torch.device("cpu" if variant == "tiny" else "meta"):
+        module = build_module(cfg)
+    assert isinstance(module, UDAModule) and isinstance(module.model, Segmentor)
+    assert n_params(module.model) == SHIPPED[variant]
+    assert module.model_config == OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(module.inference, Inference)
+    assert module.inference.resize == tuple(cfg.inference.resize)
+    uda = cfg.uda
+    assert (module.teacher is None) == (uda.teacher is None) == (module.mixing is None)
+    assert (module.masking is None) == (uda.masking is None)
+    assert (module.sam is None) == (uda.sam is None)
+    assert module.fd is None  # no ImageNet weights here
+    if module.teacher is not None:
+        assert module.teacher.alpha == uda.teacher.alpha
+        assert not any(p.requires_grad for p in module.teacher.parameters())
+        assert module.mixing.seed == cfg.seed  # uda.mixing.seed: ${seed}
+    trainable = n_params(module, trainable=True)
+    if module.sam is None:
+        assert trainable == SHIPPED[variant]
+    else:
+        sam_variant = uda.sam.encoder.variant
+        assert module.sam.encoder.variant == sam_variant
+        assert n_params(module.sam.encoder) == SAM_ENCODER[sam_variant]
+        assert not any(p.requires_grad for p in module.sam.encoder.parameters())  # frozen SAM
+        assert n_params(module.sam, trainable=True) == SSR_TRAINABLE[variant]
+        assert trainable == SHIPPED[variant] + SSR_TRAINABLE[variant]
+        assert module.sam.stages == (0, 1, 2, 3)
+        assert not any(k.startswith("sam.encoder.") for k in module.state_dict())
+
+
+def test_fd_without_imagenet_weights_is_a_user_error() -> None:
+    """Why the builds above set uda.fd=null: FD preserves ImageNet features (§4.8)."""
+    cfg = compose_cfg("train", "experiment=daformer", "model.backbone.pretrained=null")
+    with pytest.raises(InstantiationException) as err, torch.device("meta"):
+        build_module(cfg)
+    assert isinstance(err.value.__cause__, FeatureDistanceConfigError)
+    message = user_error(err.value)  # what the CLI prints, unwrapped from Hydra's exception
+    assert message is not None and "set uda.fd=null" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_experiments_keep_the_paper_defaults(name: str) -> None:
-    cfg = compose_train(f"experiment={name}")
+    cfg = compose_cfg("train", f"experiment={name}")
     assert cfg.model.backbone.variant == "b5"
     assert cfg.model.backbone.pretrained.endswith("mit_b5.pth")
     assert cfg.data.crop_size == [512, 512] and cfg.data.batch_size == 2
     assert cfg.optim.lr == 6e-5 and cfg.optim.head_lr_mult == 10 and cfg.optim.warmup_steps == 1500
     assert cfg.trainer.max_steps == 40000 and cfg.trainer.val_check_interval == 4000
+    assert cfg.inference.mode == "whole" and list(cfg.inference.resize) == [1024, 512]
     self_training = name != "source_only"
-    assert cfg.uda.self_training is self_training
+    assert (cfg.uda.teacher is not None) is self_training
+    assert (cfg.uda.mixing is not None) is self_training
     if self_training:
-        assert cfg.uda.alpha == 0.999 and cfg.uda.pseudo_threshold == 0.968
-        assert cfg.uda.fd_weight == 0.005 and cfg.data.rcs.temperature == 0.01
-        assert (cfg.uda.pl_ignore_top, cfg.uda.pl_ignore_bottom) == (15, 120)
+        assert cfg.uda.teacher.alpha == 0.999 and cfg.uda.teacher.threshold == 0.968
+        assert cfg.uda.fd.weight == 0.005 and cfg.data.rcs.temperature == 0.01
+        assert (cfg.uda.teacher.ignore_top, cfg.uda.teacher.ignore_bottom) == (15, 120)
+    else:
+        assert cfg.uda.fd is None
     assert (cfg.uda.masking is not None) == name.startswith("mic")
     if cfg.uda.masking is not None:
         assert (cfg.uda.masking.block_size, cfg.uda.masking.ratio) == (32, 0.7)
     sam = cfg.uda.get("sam")
     assert (sam is not None) == name.endswith("ssr")
     if sam is not None:
-        assert sam.variant == "vit_b" and list(sam.stages) == [0, 1, 2, 3]
-        assert sam.checkpoint.endswith("sam_vit_b_01ec64.pth")
+        assert sam.encoder.variant == "vit_b" and list(sam.stages) == [0, 1, 2, 3]
+        assert sam.encoder.checkpoint.endswith("sam_vit_b_01ec64.pth")
 
 
-@pytest.mark.parametrize(
-    "model", sorted(p.stem for p in (CONF / "model").glob("*.yaml") if "tiny" in p.stem)
-)
+@pytest.mark.parametrize("model", [m for m in config_names("model") if "tiny" in m])
 def test_tiny_model_config_instantiates(model: str) -> None:
-    cfg = compose_train(f"model={model}")
+    cfg = compose_cfg("train", f"model={model}")
     seg = instantiate(cfg.model)
     assert isinstance(seg, Segmentor)
     assert seg(torch.zeros(1, 3, 64, 64)).shape == (1, 19, 64, 64)
 
 
+def test_mit_variants_share_one_head_config() -> None:
+    """`model=daformer_mitbX` selects the backbone only: one head config, whose input channels
+    come from the backbone; `model.backbone.variant=...` is the same selection."""
+    cfgs = {m: compose_cfg("train", f"model={m}").model for m in MODELS}
+    heads = {m: OmegaConf.to_container(c.decode_head) for m, c in cfgs.items()}
+    assert all(h == heads["daformer_mitb5"] for h in heads.values())
+    assert "in_channels" not in heads["daformer_mitb5"]
+    for m, cfg in cfgs.items():
+        variant = m.removeprefix("daformer_mit")
+        assert cfg.backbone.variant == variant
+        assert cfg.backbone.pretrained.endswith(f"mit_{variant}.pth")
+        with torch.device("meta"):
+            seg = instantiate(cfg, backbone={"pretrained": None})
+        assert seg.decode_head.in_channels == MIT_VARIANTS[variant].embed_dims
+        assert seg.backbone.embed_dims == MIT_VARIANTS[variant].embed_dims
+    direct = compose_cfg("train", "model=daformer", "model.backbone.variant=b3").model
+    assert direct == cfgs["daformer_mitb3"]
+    assert direct.backbone.pretrained.endswith("mit_b3.pth")
+    with torch.device("meta"):
+        seg = instantiate(direct, backbone={"pretrained": None})
+    assert len(seg.backbone.block3) == MIT_VARIANTS["b3"].depths[2] == 18
+
+
 def test_ssr_stage_sweep_composes_every_choice() -> None:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        full = compose("train", overrides=["experiment=ssr", "sweep=ssr_stages"],
-                       return_hydra_config=True)  # fmt: skip
+    full = compose_cfg("train", "experiment=ssr", "sweep=ssr_stages", hydra=True)
     spec = full.hydra.sweeper.params["uda.sam.stages"]
     (override,) = OverridesParser.create().parse_overrides([f"uda.sam.stages={spec}"])
     choices = [list(v) for v in override.sweep_iterator()]
     assert choices == [[], [3], [2, 3], [1, 2, 3], [0, 1, 2, 3]]  # SSR paper Table I rows
     for stages in choices:
         value = "[" + ",".join(map(str, stages)) + "]"
-        cfg = compose_train("experiment=ssr", f"uda.sam.stages={value}")
+        cfg = compose_cfg("train", "experiment=ssr", f"uda.sam.stages={value}")
         assert list(cfg.uda.sam.stages) == stages
+
+
+@pytest.mark.parametrize(("stages", "fused"), [("[]", None), ("[2,3]", (2, 3))])
+def test_stage_sweep_rows_build(stages: str, fused: tuple[int, ...] | None) -> None:
+    """Table I's first row (no stage) is plain DAFormer: no SAM at all; the others fuse theirs."""
+    cfg = random_weights("ssr", f"uda.sam.stages={stages}")
+    with torch.device("meta"):
+        module = build_module(cfg)
+    if fused is None:
+        assert module.sam is None
+        assert n_params(module, trainable=True) == SHIPPED["b5"]
+    else:
+        assert module.sam.stages == fused
+        trainable = {
+            ".".join(n.split(".")[:2]) for n, p in module.sam.named_parameters() if p.requires_grad
+        }
+        assert trainable == {
+            f"{layer}.{i}" for layer in ("embedding_layer", "fusion_layer") for i in fused
+        }

@@ -1,4 +1,4 @@
-"""Datasets, transforms and the UDA datamodule (ALGORITHM.md §3.2, §4.1, §4.2, §7)."""
+"""Datasets, transforms and the UDA datamodule (docs/method.md §3.2, §4.1, §4.2, §7)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from PIL import Image
 
 from ssr.data import prepare
 from ssr.data import transforms as T
-from ssr.data.datamodule import UDADataModule
+from ssr.data.datamodule import CropRecord, UDADataModule
 from ssr.data.datasets import CityscapesDataset, DatasetError, GTA5Dataset, read_image, read_label
 from ssr.data.labels import MEAN, STD, label_id_lut, label_ids_to_train_ids
+
+from helpers import FIXTURES, cpu_trainer
 
 CS_FRAME = "frankfurt_000000_000294"
 GTA_FRAME = "real_frame_1914x1052.png"
@@ -33,9 +35,9 @@ def normalised(rgb: np.ndarray) -> np.ndarray:
 # --- labels and the real fixtures ---------------------------------------------------------------
 
 
-def test_label_id_lut_matches_official_table(shared_fixtures: Path) -> None:
+def test_label_id_lut_matches_official_table() -> None:
     lut = label_id_lut()
-    with open(shared_fixtures / "cityscapes_labels.csv") as f:
+    with open(FIXTURES / "cityscapes_labels.csv") as f:
         rows = [r for r in csv.DictReader(f) if int(r["id"]) >= 0]  # license plate has id -1
     assert len(rows) == 34
     for row in rows:
@@ -356,14 +358,36 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for key in x:
-            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
+            if isinstance(x[key], CropRecord):
+                assert x[key].file == y[key].file, key
+                assert torch.equal(x[key].box, y[key].box), key
+            else:
+                torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
 
 
 def test_train_and_val_batches_follow_the_contract(trees: tuple[Path, Path]) -> None:
     dm = datamodule(trees)
     (batch,) = take(dm, 1)
-    assert set(batch) == {"src_img", "src_lbl", "tgt_img", "index"}
+    assert set(batch) == {"src_img", "src_lbl", "src_crop", "tgt_img", "tgt_crop", "index"}
     assert batch["index"].tolist() == [0, 1]
+    for key, folder in (("src_crop", "images/"), ("tgt_crop", "leftImg8bit/train/")):
+        crop = batch[key]
+        assert isinstance(crop, CropRecord) and len(crop.file) == 2
+        assert all(f.startswith(folder) and f.endswith(".png") for f in crop.file)
+        assert crop.box.shape == (2, 5) and crop.box.dtype == torch.int64
+        height, width, top, left, flip = crop.box.T
+        assert (top >= 0).all() and (top + 32 <= height).all()
+        assert (left >= 0).all() and (left + 32 <= width).all()
+        assert set(flip.tolist()) <= {0, 1}
+    # The boxes hold the resized size: GTA 44x80 to fit (64, 36) by 0.8; Cityscapes 32x64 as is.
+    assert batch["src_crop"].box[:, :2].tolist() == [[35, 64]] * 2
+    assert batch["tgt_crop"].box[:, :2].tolist() == [[32, 64]] * 2
+    for i, (file, (_, _, top, left, flip)) in enumerate(zip(*batch["tgt_crop"], strict=True)):
+        rgb = read_image(trees[1] / file)[top : top + 32, left : left + 32]  # not resized
+        expected = normalised(rgb[:, ::-1] if flip else rgb)
+        np.testing.assert_allclose(
+            batch["tgt_img"][i].permute(1, 2, 0).numpy(), expected, atol=1e-4
+        )
     assert batch["src_img"].shape == batch["tgt_img"].shape == (2, 3, 32, 32)
     assert batch["src_img"].dtype == torch.float32
     assert batch["src_lbl"].shape == (2, 32, 32) and batch["src_lbl"].dtype == torch.int64
@@ -418,7 +442,7 @@ def test_source_only_and_uniform_sampling(trees: tuple[Path, Path]) -> None:
     dm = datamodule(trees, rcs=None, with_target=False)
     assert dm.rcs_sampler is None
     (batch,) = take(dm, 1)
-    assert set(batch) == {"src_img", "src_lbl", "index"}
+    assert set(batch) == {"src_img", "src_lbl", "src_crop", "index"}
 
 
 def test_setup_errors(trees: tuple[Path, Path], tmp_path: Path) -> None:
@@ -458,15 +482,7 @@ def test_lightning_checkpoint_carries_and_restores_the_stream(
     trees: tuple[Path, Path], tmp_path: Path
 ) -> None:
     def trainer(steps: int) -> L.Trainer:
-        return L.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        )
+        return cpu_trainer(steps, limit_val_batches=0)
 
     full, dm = _Consumer(), datamodule(trees)
     trainer(4).fit(full, datamodule=dm)

@@ -1,4 +1,4 @@
-"""Multi-process training (issue 5): per-rank sample streams, and 2-process gloo DDP through the
+"""Multi-process training: per-rank sample streams, and 2-process gloo DDP through the
 real `python -m ssr.train trainer=ddp` launch (Hydra re-launch, one run directory) on CPU."""
 
 from __future__ import annotations
@@ -7,32 +7,31 @@ import csv
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig
 from torch import nn
 
-from ssr.checkpointing import AtomicCheckpointIO, RNGStateCallback
 from ssr.data.datamodule import InfiniteIndexSampler
 from ssr.data.datasets import CityscapesDataset
 from ssr.data.transforms import test_transform
-from ssr.eval import evaluate, load_segmentor
-from ssr.train import TrainerConfigError, _build_trainer
+from ssr.eval import evaluate
+from ssr.model.checkpoint import load_segmentor
+from ssr.model.inference import Inference
+from ssr.run.rng import RNGStateCallback, collect_rng_states, rank_seed, set_rng_states
+from ssr.run.trainer import AtomicCheckpointIO, TrainerConfigError, build_trainer
+from ssr.uda.mixing import DACSMixing
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def config(*overrides: str, hydra_cfg: bool = False) -> DictConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra_cfg)
+from helpers import CLI_ENV, compose_cfg, synthetic_data
 
 
 def batches(sampler: InfiniteIndexSampler, batch: int, n: int) -> list[list[int]]:
@@ -55,34 +54,71 @@ def test_rank_streams_partition_the_single_process_stream(world: int) -> None:
         InfiniteIndexSampler(0, 2, 2)
 
 
+def test_ranks_above_zero_get_their_own_global_and_module_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`seed_everything` gives every rank the same seed; `RNGStateCallback` re-seeds ranks > 0 from
+    (seed, rank): the global streams and the module's own (ClassMix, jitter, MIC masks)."""
+
+    def same(a: dict, b: dict) -> bool:
+        return (
+            a["numpy"] == b["numpy"]
+            and a["python"] == b["python"]
+            and torch.equal(a["torch"], b["torch"])
+        )
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")  # what seed_everything(3) sets
+    saved = collect_rng_states()
+    try:
+        mixing = DACSMixing(seed=3)
+        module = SimpleNamespace(random_streams=lambda: {"mixing": mixing})
+        rank0 = mixing.rng_state()
+        RNGStateCallback().setup(SimpleNamespace(global_rank=0), module, "fit")
+        assert same(mixing.rng_state(), rank0)  # rank 0 keeps the single-process streams
+        RNGStateCallback().setup(SimpleNamespace(global_rank=1), module, "fit")
+        seed = rank_seed(3, 1)
+        expected = DACSMixing(seed=3)
+        expected.reseed([3, 1], seed)
+        assert same(mixing.rng_state(), expected.rng_state())
+        assert not same(mixing.rng_state(), rank0)
+        assert torch.initial_seed() == seed
+        assert np.random.random() == np.random.RandomState(seed).random()
+        assert random.random() == random.Random(seed).random()
+    finally:
+        set_rng_states(saved)
+
+
 def test_ddp_trainer_config(tmp_path: Path) -> None:
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    cfg = config(*ddp, f"paths.output_dir={tmp_path}")
-    trainer = _build_trainer(cfg, [], [])
+    cfg = compose_cfg("train", *ddp, f"paths.output_dir={tmp_path}")
+    trainer = build_trainer(cfg, [], [])
     assert trainer.world_size == 2 and isinstance(trainer.strategy, DDPStrategy)
     assert trainer.strategy._ddp_kwargs["find_unused_parameters"] is True
     assert str(trainer.precision) == "32-true"  # precision: auto on a CPU
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert any(isinstance(c, RNGStateCallback) for c in trainer.callbacks)
     # Lightning's DistributedSampler cannot wrap the endless stream: refused with the fix.
-    cfg = config(*ddp, "trainer.use_distributed_sampler=true", f"paths.output_dir={tmp_path}")
+    cfg = compose_cfg(
+        "train", *ddp, "trainer.use_distributed_sampler=true", f"paths.output_dir={tmp_path}"
+    )
     with pytest.raises(TrainerConfigError, match="use_distributed_sampler=false"):
-        _build_trainer(cfg, [], [])
+        build_trainer(cfg, [], [])
 
 
 def test_slurm_configs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_NNODES", "2")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
-    cfg = config("trainer=slurm")
+    cfg = compose_cfg("train", "trainer=slurm")
     assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (2, 4)
-    assert cfg.trainer.plugins[0].auto_requeue is False  # ssr.checkpointing handles SIGUSR1
+    assert cfg.trainer.plugins[0].auto_requeue is False  # ssr.run.preemption handles SIGUSR1
     try:
         import hydra_plugins.hydra_submitit_launcher  # noqa: F401  (optional extra `slurm`)
     except ImportError:
         with pytest.raises(MissingConfigException, match="submitit_slurm"):
-            config("hydra/launcher=slurm", hydra_cfg=True)
+            compose_cfg("train", "hydra/launcher=slurm", hydra=True)
     else:
-        assert config("hydra/launcher=slurm", hydra_cfg=True).hydra.launcher.timeout_min == 2880
+        launcher = compose_cfg("train", "hydra/launcher=slurm", hydra=True).hydra.launcher
+        assert launcher.timeout_min == 2880
 
 
 # ------------------------------------------------------------------- 2 processes, gloo, CPU
@@ -100,9 +136,9 @@ class FreezeBatchNorm(pl.Callback):
 
 
 TESTS = str(Path(__file__).resolve().parent)
+# The launched processes import `test_ddp.FreezeBatchNorm` (a callback added on the command line).
 ENV = {
-    **os.environ,
-    "NO_ALBUMENTATIONS_UPDATE": "1",
+    **CLI_ENV,
     "HYDRA_FULL_ERROR": "1",
     "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])),
 }
@@ -111,9 +147,7 @@ STEPS = 3
 
 def run_train(synthetic_root: Path, run_dir: Path, *extra: str) -> None:
     cmd = [
-        sys.executable, "-m", "ssr.train",
-        f"data.source_root={synthetic_root / 'gta'}",
-        f"data.target_root={synthetic_root / 'cityscapes'}",
+        sys.executable, "-m", "ssr.train", *synthetic_data(synthetic_root),
         "data.num_workers=0", "data.rcs.min_pixels=10",
         f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
         "trainer.log_every_n_steps=1", "callbacks.debug_images.every_n_steps=1000",
@@ -157,7 +191,7 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(
     ckpt = torch.load(ddp / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == STEPS
     assert ckpt["UDADataModule"]["next_index"] == STEPS * 2 * 2  # global count of samples
-    assert len(ckpt["global_rng"]) == 2 and len(ckpt["uda_rng"]) == 2  # one per rank
+    assert len(ckpt["global_rng"]) == 2 and len(ckpt["module_rng"]) == 2  # one per rank
     assert not torch.equal(ckpt["global_rng"][0]["torch"], ckpt["global_rng"][1]["torch"])
 
     # Same loss (logged as the mean over ranks) and weights as one process with batch 4, up to
@@ -174,7 +208,7 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(
     metrics = json.loads((ddp / "metrics.json").read_text())
     seg, _, _ = load_segmentor(ddp / "checkpoints" / "last.ckpt", {})
     val = CityscapesDataset(synthetic_root / "cityscapes", "val", test_transform((128, 64)))
-    ref = evaluate(seg, val, progress=False)
+    ref = evaluate(seg, val, Inference(resize=(128, 64)), progress=False)  # the demo's protocol
     assert metrics["num_images"] == ref["num_images"] == len(val)
     assert metrics["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-6)
     assert metrics["aAcc"] == pytest.approx(ref["aAcc"], abs=1e-6)
@@ -200,4 +234,6 @@ def test_ddp_separate_backward_calls_equal_one_summed_backward(
         torch.testing.assert_close(summed[k], separate[k], rtol=1e-5, atol=1e-6, msg=k)
     ckpt = torch.load(tmp_path / "false" / "checkpoints" / "last.ckpt", weights_only=True)
     # Rank 1 drew its ClassMix / jitter / MIC masks from its own stream.
-    assert ckpt["uda_rng"][0]["numpy"] != ckpt["uda_rng"][1]["numpy"]
+    mixing = [rank["mixing"] for rank in ckpt["module_rng"]]
+    assert mixing[0]["numpy"] != mixing[1]["numpy"]
+    assert not torch.equal(mixing[0]["torch"], mixing[1]["torch"])

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -21,34 +17,22 @@ from ssr import eval as ssr_eval
 from ssr import export as ssr_export
 from ssr import predict as ssr_predict
 from ssr.data.labels import CLASSES, NUM_CLASSES
-from ssr.model.checkpoint import export_segmentor
+from ssr.model.checkpoint import export_segmentor, load_segmentor
+from ssr.model.inference import Inference
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from helpers import call_hydra_main, compose_cfg, run_cli, run_script
+
 FRAMES = ("aachen/aachen_000000_000019", "bochum/bochum_000000_000313")
 W, H = 128, 64
-
-
-def _compose(config_name: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
-
-
-def _call_main(main, monkeypatch, tmp_path: Path, overrides: list[str]) -> int:
-    """Run a Hydra CLI in-process; returns its exit code (0 when it returns normally)."""
-    argv = ["prog", *overrides, f"hydra.run.dir={tmp_path / 'hydra_run'}"]
-    monkeypatch.setattr(sys, "argv", argv)
-    try:
-        main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
+# The images are already at test scale; inference.resize=[256,128] is covered in the first test.
+AT_TEST_SCALE = "inference.resize=[128,64]"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A randomly initialised tiny DAFormer exported as an ssr-segmentor file."""
     torch.manual_seed(0)
-    cfg = _compose("eval", ["model=daformer_tiny"])
+    cfg = compose_cfg("eval", "model=daformer_tiny")
     segmentor = instantiate(cfg.model).eval()
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     model_config = OmegaConf.to_container(cfg.model, resolve=True)
@@ -77,15 +61,14 @@ def cs_root(tmp_path_factory) -> Path:
     return root
 
 
-def _eval_cfg(overrides: list[str]) -> DictConfig:
-    # The images are already at test scale; test_resize=[256,128] is covered in the first test.
-    return _compose("eval", ["num_workers=0", "device=cpu", "test_resize=[128,64]", *overrides])
+def _eval_cfg(*overrides: str) -> DictConfig:
+    return compose_cfg("eval", "num_workers=0", "device=cpu", AT_TEST_SCALE, *overrides)
 
 
 def test_eval_checkpoint_writes_metrics(tiny, cs_root, tmp_path) -> None:
     ckpt, segmentor = tiny
     out = tmp_path / "eval"
-    cfg = _eval_cfg([f"ckpt_path={ckpt}", f"gt_root={cs_root}", f"output_dir={out}"])
+    cfg = _eval_cfg(f"ckpt_path={ckpt}", f"gt_root={cs_root}", f"output_dir={out}")
     result = ssr_eval.run(cfg)
     written = json.loads((out / "metrics.json").read_text())
     assert set(written) == {"mIoU", "IoU", "aAcc", "num_images"}
@@ -96,26 +79,41 @@ def test_eval_checkpoint_writes_metrics(tiny, cs_root, tmp_path) -> None:
     assert written["mIoU"] == pytest.approx(result["mIoU"])
     # evaluate() leaves a training segmentor in training mode (reuse in a validation loop).
     segmentor.train()
+    inference = Inference(resize=(256, 128))
     dataset = ssr_eval.CityscapesDataset(
-        cs_root, "val", transform=ssr_eval.test_transform((256, 128))
+        cs_root, "val", transform=ssr_eval.test_transform(inference.resize)
     )
-    again = ssr_eval.evaluate(segmentor, dataset, "cpu", progress=False)
+    again = ssr_eval.evaluate(segmentor, dataset, inference, "cpu", progress=False)
     assert segmentor.training
     assert again["num_images"] == 2 and 0.0 <= again["mIoU"] <= 100.0
+    segmentor.eval()
+
+
+def test_eval_sliding_window_protocol(tiny, cs_root, tmp_path) -> None:
+    """`inference=slide` (docs/method.md §3.2): windows of the demo's crop, same metrics file."""
+    ckpt, _ = tiny
+    out = tmp_path / "slide"
+    overrides = ["inference=slide", "inference.crop_size=[64,64]", "inference.stride=[43,43]"]
+    cfg = _eval_cfg(f"ckpt_path={ckpt}", f"gt_root={cs_root}", f"output_dir={out}", *overrides)
+    inference = instantiate(cfg.inference)
+    assert (inference.mode, inference.resize) == ("slide", (128, 64))
+    assert (inference.crop_size, inference.stride) == ((64, 64), (43, 43))
+    result = ssr_eval.run(cfg)
+    assert result["num_images"] == 2 and 0.0 <= result["mIoU"] <= 100.0
+    assert json.loads((out / "metrics.json").read_text())["mIoU"] == pytest.approx(result["mIoU"])
+    assert compose_cfg("eval", "inference.mode=slide").inference.mode == "slide"
 
 
 def test_predict_folder_then_score_it_matches_checkpoint_eval(tiny, cs_root, tmp_path) -> None:
     ckpt, _ = tiny
     preds = tmp_path / "preds"
-    cfg = _compose(
+    cfg = compose_cfg(
         "predict",
-        [
-            f"ckpt_path={ckpt}",
-            f"input={cs_root / 'leftImg8bit' / 'val'}",
-            f"output_dir={preds}",
-            "device=cpu",
-            "test_resize=[128,64]",
-        ],
+        f"ckpt_path={ckpt}",
+        f"input={cs_root / 'leftImg8bit' / 'val'}",
+        f"output_dir={preds}",
+        "device=cpu",
+        AT_TEST_SCALE,
     )
     written = ssr_predict.run(cfg)
     assert len(written) == 3 * len(FRAMES)
@@ -129,12 +127,29 @@ def test_predict_folder_then_score_it_matches_checkpoint_eval(tiny, cs_root, tmp
             assert (im.mode, im.size) == ("RGB", (W, H))
     # Scoring those files must give exactly what checkpoint evaluation gives: same protocol.
     from_ckpt = ssr_eval.run(
-        _eval_cfg([f"ckpt_path={ckpt}", f"gt_root={cs_root}", f"output_dir={tmp_path / 'a'}"])
+        _eval_cfg(f"ckpt_path={ckpt}", f"gt_root={cs_root}", f"output_dir={tmp_path / 'a'}")
     )
     from_pngs = ssr_eval.run(
-        _eval_cfg([f"pred_dir={preds}", f"gt_root={cs_root}", f"output_dir={tmp_path / 'b'}"])
+        _eval_cfg(f"pred_dir={preds}", f"gt_root={cs_root}", f"output_dir={tmp_path / 'b'}")
     )
     assert from_pngs == from_ckpt
+
+
+def test_predictor_is_the_loaded_student_under_the_protocol(tiny) -> None:
+    """`Predictor(segmentor, inference, device)`: train ids at input size, as `Inference` gives."""
+    ckpt, segmentor = tiny
+    loaded, config, fmt = load_segmentor(ckpt, {}, "cpu")
+    assert fmt == "export" and config["backbone"]["variant"] == "tiny"
+    assert not loaded.training
+    inference = Inference(resize=(W, H))
+    predictor = ssr_predict.Predictor(loaded, inference, "cpu")
+    rgb = np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    train_ids = predictor(rgb)
+    assert train_ids.shape == (H, W) and train_ids.dtype == np.uint8
+    img = predictor.transform(image=rgb)["image"].float().unsqueeze(0)
+    with torch.inference_mode():
+        expected = inference.logits(segmentor.eval(), img, out_size=(H, W)).argmax(1)[0]
+    np.testing.assert_array_equal(train_ids, expected.numpy())
 
 
 def test_pred_dir_perfect_and_missing(cs_root, tmp_path, monkeypatch) -> None:
@@ -145,7 +160,7 @@ def test_pred_dir_perfect_and_missing(cs_root, tmp_path, monkeypatch) -> None:
         (perfect / f"{Path(frame).name}_trainIds.png").write_bytes(gt.read_bytes())
     out = tmp_path / "out"
     result = ssr_eval.run(
-        _eval_cfg([f"pred_dir={perfect}", f"gt_root={cs_root}", f"output_dir={out}"])
+        _eval_cfg(f"pred_dir={perfect}", f"gt_root={cs_root}", f"output_dir={out}")
     )
     assert result["mIoU"] == pytest.approx(100.0)
     assert [k for k, v in result["IoU"].items() if v is not None] == [
@@ -155,16 +170,10 @@ def test_pred_dir_perfect_and_missing(cs_root, tmp_path, monkeypatch) -> None:
 
     next(iter(sorted(perfect.iterdir()))).unlink()  # aachen's prediction
     missing_out = tmp_path / "missing"
+    missing = [f"pred_dir={perfect}", f"gt_root={cs_root}", f"output_dir={missing_out}"]
     with pytest.raises(ssr_eval.EvalInputError, match=r"1 of 2 .* first aachen_000000_000019"):
-        ssr_eval.run(
-            _eval_cfg([f"pred_dir={perfect}", f"gt_root={cs_root}", f"output_dir={missing_out}"])
-        )
-    code = _call_main(
-        ssr_eval.main,
-        monkeypatch,
-        tmp_path,
-        [f"pred_dir={perfect}", f"gt_root={cs_root}", f"output_dir={missing_out}"],
-    )
+        ssr_eval.run(_eval_cfg(*missing))
+    code = call_hydra_main(ssr_eval.main, monkeypatch, tmp_path / "hydra_run", missing)
     assert code == 2 and not (missing_out / "metrics.json").exists()
 
 
@@ -175,15 +184,13 @@ def test_predict_video_writes_overlay_video(tiny, tmp_path) -> None:
     for i in range(3):
         writer.write(np.full((H, W, 3), 60 * i, dtype=np.uint8))
     writer.release()
-    cfg = _compose(
+    cfg = compose_cfg(
         "predict",
-        [
-            f"ckpt_path={ckpt}",
-            f"input={video}",
-            f"output_dir={tmp_path}",
-            "device=cpu",
-            "test_resize=[128,64]",
-        ],
+        f"ckpt_path={ckpt}",
+        f"input={video}",
+        f"output_dir={tmp_path}",
+        "device=cpu",
+        AT_TEST_SCALE,
     )
     (out,) = ssr_predict.run(cfg)
     assert out == tmp_path / "clip_overlay.mp4"
@@ -205,16 +212,22 @@ def test_export_keeps_only_the_student(tiny, tmp_path, monkeypatch, capsys) -> N
     student = segmentor.state_dict()
     state = {f"model.{k}": v for k, v in student.items()}
     state |= {f"teacher.model.{k}": v + 1 for k, v in student.items()}
-    state |= {"sam.fusion_layer.0.q.weight": torch.zeros(2, 2), "imnet_backbone.x": torch.ones(1)}
+    state |= {
+        "sam.fusion_layer.0.q.weight": torch.zeros(2, 2),
+        "fd.imnet_backbone.x": torch.ones(1),
+    }
     lightning_ckpt = tmp_path / "last.ckpt"
-    model_config = OmegaConf.to_container(_compose("eval", ["model=daformer_tiny"]).model)
+    model_config = OmegaConf.to_container(compose_cfg("eval", "model=daformer_tiny").model)
     torch.save(
         {"pytorch-lightning_version": "2.5", "state_dict": state, "model_config": model_config},
         lightning_ckpt,
     )
     out = tmp_path / "student.pt"
-    code = _call_main(
-        ssr_export.main, monkeypatch, tmp_path, [f"ckpt_path={lightning_ckpt}", f"out={out}"]
+    code = call_hydra_main(
+        ssr_export.main,
+        monkeypatch,
+        tmp_path / "hydra_run",
+        [f"ckpt_path={lightning_ckpt}", f"out={out}"],
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -233,9 +246,19 @@ def test_export_keeps_only_the_student(tiny, tmp_path, monkeypatch, capsys) -> N
     stats = ssr_export.export(
         official,
         tmp_path / "o.pt",
-        _compose("export", ["model=daformer_tiny", "ckpt_path=x", "out=y"]).model,
+        compose_cfg("export", "model=daformer_tiny", "ckpt_path=x", "out=y").model,
     )
     assert stats["bytes"] == (tmp_path / "o.pt").stat().st_size
+
+
+def test_export_console_script_needs_both_paths(tmp_path) -> None:
+    """`ssr-export` installed as a console script: a missing `???` value is one line, exit 2."""
+    proc = run_script(
+        "ssr-export", f"out={tmp_path / 'x.pt'}", f"hydra.run.dir={tmp_path}", cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: ckpt_path is required: pass ckpt_path=..."
+    assert not (tmp_path / "x.pt").exists()
 
 
 @pytest.mark.parametrize(
@@ -258,8 +281,11 @@ def test_bad_eval_inputs_exit_2_without_metrics(case, tiny, cs_root, tmp_path, m
             "model=daformer_mitb0",
         ],
     }[case]
-    code = _call_main(
-        ssr_eval.main, monkeypatch, tmp_path, [*overrides, f"output_dir={out}", "device=cpu"]
+    code = call_hydra_main(
+        ssr_eval.main,
+        monkeypatch,
+        tmp_path / "hydra_run",
+        [*overrides, f"output_dir={out}", "device=cpu"],
     )
     assert code == 2
     assert not (out / "metrics.json").exists()
@@ -275,10 +301,12 @@ def test_bad_predict_inputs_exit_2(case, tiny, tmp_path, monkeypatch, capsys) ->
         "missing_input": [f"ckpt_path={ckpt}", f"input={tmp_path / 'nope.png'}"],
         "empty_folder": [f"ckpt_path={ckpt}", f"input={tmp_path / 'empty'}"],
         "text_file": [f"ckpt_path={ckpt}", f"input={tmp_path / 'notes.txt'}"],
-        "no_ckpt_path": [f"input={tmp_path / 'frame.png'}"],  # conf/predict.yaml: ckpt_path ???
+        "no_ckpt_path": [f"input={tmp_path / 'frame.png'}"],  # predict.yaml: ckpt_path ???
     }[case]
     out = tmp_path / "out"
-    code = _call_main(ssr_predict.main, monkeypatch, tmp_path, [*overrides, f"output_dir={out}"])
+    code = call_hydra_main(
+        ssr_predict.main, monkeypatch, tmp_path / "hydra_run", [*overrides, f"output_dir={out}"]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("error:")
     assert not out.exists()
@@ -292,25 +320,38 @@ def _official_copy(export_file: Path, tmp_path: Path) -> Path:
     return path
 
 
-def test_cli_subprocess_one_line_error(cs_root, tmp_path) -> None:
+def test_eval_module_cli_one_line_error(cs_root, tmp_path) -> None:
+    """`python -m ssr.eval` in a subprocess: a user error is exit status 2 and one stderr line."""
     out = tmp_path / "out"
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ssr.eval",
-            f"ckpt_path={tmp_path / 'missing.pt'}",
-            f"gt_root={cs_root}",
-            f"output_dir={out}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
+    proc = run_cli(
+        "ssr.eval",
+        f"ckpt_path={tmp_path / 'missing.pt'}",
+        f"gt_root={cs_root}",
+        f"output_dir={out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "missing.pt" in errors[0]
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "missing.pt" in err
     assert not (out / "metrics.json").exists()
+
+
+def test_predict_console_script_one_line_error(tmp_path) -> None:
+    """`ssr-predict` installed as a console script: a missing input is one line, exit 2."""
+    missing = tmp_path / "street.png"
+    out = tmp_path / "out"
+    proc = run_script(
+        "ssr-predict",
+        f"ckpt_path={tmp_path / 'model.pt'}",
+        f"input={missing}",
+        f"output_dir={out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and str(missing) in err
+    assert not out.exists()

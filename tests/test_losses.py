@@ -1,4 +1,4 @@
-"""Weighted CE over all pixels (ALGORITHM.md §2.4) and the thing-class feature distance (§4.8)."""
+"""Weighted CE over all pixels (docs/method.md §2.4) and the thing-class feature distance (§4.8)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ssr.data.labels import THING_CLASSES
-from ssr.uda.losses import downscale_label_ratio, feature_distance, weighted_ce
+from ssr.model.segmentor import Prediction
+from ssr.uda.losses import downscale_label_ratio, feature_distance, seg_loss, weighted_ce
 
 
 def test_weighted_ce_by_hand_counts_ignored_pixels() -> None:
@@ -52,6 +53,34 @@ def hand_label() -> torch.Tensor:
             [0, 1, 255, 13],
         ]
     )[None]
+
+
+def test_seg_loss_of_one_prediction_is_exactly_weighted_ce() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, label = (
+        torch.randn(2, 19, 4, 4, generator=g),
+        torch.randint(0, 19, (2, 8, 8), generator=g),
+    )
+    weight = torch.rand(2, 8, 8, generator=g)
+    assert torch.equal(
+        seg_loss([Prediction(logits)], label, weight), weighted_ce(logits, label, weight)
+    )
+
+
+def test_seg_loss_weights_and_crops_each_prediction_by_hand() -> None:
+    """0.9 · CE(whole crop) + 0.1 · CE(detail box), labels and weights cut at the box."""
+    label = torch.zeros(1, 4, 4, dtype=torch.long)
+    label[:, :2, :2] = 1  # the box (0, 2, 0, 2) holds class 1
+    weight = torch.ones(1, 4, 4)
+    weight[:, 0, 0] = 0.0
+    # Two classes, logit 0 for class 0 and log(3) for class 1: p(1) = 3/4 everywhere.
+    whole = torch.stack([torch.zeros(4, 4), torch.full((4, 4), math.log(3.0))])[None]
+    detail = whole[:, :, :2, :2]
+    loss = seg_loss([Prediction(whole, 0.9), Prediction(detail, 0.1, (0, 2, 0, 2))], label, weight)
+    ce0, ce1 = -math.log(0.25), -math.log(0.75)
+    whole_ce = (3 * ce1 + 12 * ce0) / 16  # one class-1 pixel has weight 0
+    detail_ce = 3 * ce1 / 4
+    assert loss.item() == pytest.approx(0.9 * whole_ce + 0.1 * detail_ce, rel=1e-6)
 
 
 def test_downscale_label_ratio_by_hand() -> None:

@@ -1,13 +1,18 @@
-"""MiT, DAFormer head, Segmentor: sizes, keys, shapes, gradients, inference (ALGORITHM §1-§3)."""
+"""MiT, DAFormer head, Segmentor, test protocol: sizes, keys, shapes, gradients, inference
+(docs/method.md §1-§3)."""
 
 from __future__ import annotations
+
+from functools import partial
+from itertools import pairwise
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssr.model import DAFormerHead, Segmentor, build_mit
+from ssr.model import DAFormerHead, Inference, Prediction, Segmentor, View, build_mit
+from ssr.model.inference import window_spans
 from ssr.model.mit import MIT_VARIANTS, Attention
 
 TINY_DIMS = MIT_VARIANTS["tiny"].embed_dims
@@ -30,7 +35,7 @@ def tiny() -> Segmentor:
 
 
 def test_parameter_counts_match_reference() -> None:
-    """Reference counts of issue 2; the meta device builds B5 without allocating its weights."""
+    """Reference counts (docs/method.md §1-§2); the meta device builds B5 without allocating."""
     with torch.device("meta"):
         assert n_params(build_mit("b5")) == 81_443_008
         assert n_params(daformer("b5")) == 85_155_283
@@ -158,6 +163,26 @@ def test_segmentor_state_dict_is_only_backbone_and_head(tiny: Segmentor) -> None
     assert all(k.startswith(("backbone.", "decode_head.")) for k in tiny.state_dict())
 
 
+def test_head_built_from_the_backbone_widths() -> None:
+    """A head factory (the config's `_partial_` node) gets in_channels = the backbone's dims."""
+    with torch.device("meta"):
+        seg = Segmentor(build_mit("b0"), partial(DAFormerHead, embed_dim=32, channels=32))
+    assert seg.decode_head.in_channels == MIT_VARIANTS["b0"].embed_dims
+    assert seg.num_classes == 19
+
+
+@torch.no_grad()
+def test_training_interface_is_one_view_and_one_prediction(tiny: Segmentor) -> None:
+    """§3: the UDA loop's forward: the crop is the one view, its logits the one prediction."""
+    tiny.eval()
+    x = torch.randn(2, 3, 64, 64)
+    (view,) = tiny.train_views(x)
+    assert isinstance(view, View) and view.image is x and view.box is None
+    (pred,) = tiny.decode_train([tiny.features(view.image)], [view])
+    assert isinstance(pred, Prediction) and pred.weight == 1.0 and pred.box is None
+    torch.testing.assert_close(pred.logits, tiny.decode(tiny.features(x)), rtol=0, atol=0)
+
+
 class PixelwiseBackbone(nn.Module):
     """A full-resolution, per-pixel model: slide and whole inference must agree exactly."""
 
@@ -179,25 +204,33 @@ class PixelwiseHead(nn.Module):
         return self.conv_seg(feats[0])
 
 
+def whole() -> Inference:
+    return Inference("whole", resize=None)
+
+
+def slide(crop_size: tuple[int, int], stride: tuple[int, int]) -> Inference:
+    return Inference("slide", resize=None, crop_size=crop_size, stride=stride)
+
+
 @torch.no_grad()
 def test_slide_equals_whole_for_a_pixelwise_model() -> None:
     """Overlapping windows with a border-aligned last window: a wrong count map or a gap fails."""
     torch.manual_seed(0)
     model = Segmentor(PixelwiseBackbone(), PixelwiseHead()).eval()
     x = torch.randn(1, 3, 64, 96)
-    whole = model.inference(x, mode="whole")
-    slide = model.inference(x, mode="slide", crop_size=(48, 40), stride=(20, 28))
-    torch.testing.assert_close(slide, whole, rtol=1e-6, atol=1e-6)
+    by_whole = whole().logits(model, x)
+    by_slide = slide(crop_size=(48, 40), stride=(20, 28)).logits(model, x)
+    torch.testing.assert_close(by_slide, by_whole, rtol=1e-6, atol=1e-6)
 
 
 @torch.no_grad()
 def test_slide_with_one_window_equals_whole(tiny: Segmentor) -> None:
     tiny.eval()
     x = torch.randn(1, 3, 64, 96)
-    whole = tiny.inference(x, mode="whole")
-    torch.testing.assert_close(tiny.inference(x, "slide", (64, 96), (32, 32)), whole)
+    by_whole = whole().logits(tiny, x)
+    torch.testing.assert_close(slide((64, 96), (32, 32)).logits(tiny, x), by_whole)
     # a crop larger than the image is clipped to it: still one window
-    torch.testing.assert_close(tiny.inference(x, "slide", (128, 128), (64, 64)), whole)
+    torch.testing.assert_close(slide((128, 128), (64, 64)).logits(tiny, x), by_whole)
 
 
 @torch.no_grad()
@@ -206,10 +239,22 @@ def test_slide_averages_windows(tiny: Segmentor) -> None:
     tiny.eval()
     x = torch.randn(1, 3, 64, 96)
     left, right = tiny(x[..., :64]), tiny(x[..., 32:])
-    slide = tiny.inference(x, "slide", crop_size=(64, 64), stride=(64, 48))
-    torch.testing.assert_close(slide[..., :32], left[..., :32])
-    torch.testing.assert_close(slide[..., 32:64], (left[..., 32:] + right[..., :32]) / 2)
-    torch.testing.assert_close(slide[..., 64:], right[..., 32:])
+    by_slide = slide(crop_size=(64, 64), stride=(64, 48)).logits(tiny, x)
+    torch.testing.assert_close(by_slide[..., :32], left[..., :32])
+    torch.testing.assert_close(by_slide[..., 32:64], (left[..., 32:] + right[..., :32]) / 2)
+    torch.testing.assert_close(by_slide[..., 64:], right[..., 32:])
+
+
+def test_window_spans_cover_the_axis_and_end_flush() -> None:
+    """§3.2: windows every `stride` px, the last moved back to end at the border; crops clipped."""
+    assert window_spans(96, 64, 48) == [(0, 64), (32, 96)]
+    assert window_spans(64, 128, 64) == [(0, 64)]
+    assert window_spans(64, 64, 32) == [(0, 64)]
+    for length, crop, stride in ((64, 48, 20), (96, 40, 28), (100, 43, 43), (512, 512, 341)):
+        spans = window_spans(length, crop, stride)
+        assert spans[0][0] == 0 and spans[-1][1] == length
+        assert all(end - start == min(crop, length) for start, end in spans)
+        assert all(b[0] <= a[1] for a, b in pairwise(spans))  # no gap
 
 
 @torch.no_grad()
@@ -217,14 +262,32 @@ def test_inference_upsamples_in_two_steps(tiny: Segmentor) -> None:
     """§3.2: stride-4 logits -> input size -> original size, not one direct resize."""
     tiny.eval()
     x = torch.randn(1, 3, 64, 96)
-    out = tiny.inference(x, out_size=(150, 200))
+    out = Inference().logits(tiny, x, out_size=(150, 200))
     assert out.shape == (1, 19, 150, 200)
     low = tiny.decode(tiny.features(x))
     up = bilinear(bilinear(low, (64, 96)), (150, 200))
     torch.testing.assert_close(out, up)
     assert not torch.allclose(out, bilinear(low, (150, 200)), atol=1e-6)
     with pytest.raises(ValueError, match="unknown inference mode"):
-        tiny.inference(x, mode="sliding")
+        Inference(mode="sliding")
+
+
+def test_inference_settings_are_checked_and_shown() -> None:
+    """The defaults are the paper's protocol (§3.2); a bad setting fails at construction."""
+    paper = Inference()
+    assert (paper.mode, paper.resize) == ("whole", (1024, 512))
+    assert (paper.crop_size, paper.stride) == ((512, 512), (341, 341))
+    assert repr(paper) == "Inference(mode='whole', resize=(1024, 512))"
+    assert Inference(resize=None).resize is None
+    assert "crop_size=(64, 64), stride=(43, 43)" in repr(
+        Inference("slide", None, [64, 64], [43, 43])
+    )
+    with pytest.raises(
+        ValueError, match=r"inference.resize must be two positive ints, got \[128\]"
+    ):
+        Inference(resize=[128])
+    with pytest.raises(ValueError, match=r"inference\.stride"):
+        Inference(stride=(0, 43))
 
 
 def bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""AdamW groups by mmcv custom keys and the warm-up + poly lr factor (ALGORITHM.md §4.10)."""
+"""AdamW groups by mmcv custom keys and the warm-up + poly lr factor (docs/method.md §4.10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The label preparation CLI (ALGORITHM.md §4.2, §7.2, §7.4) on tiny GTA5/Cityscapes trees."""
+"""The label preparation CLI (docs/method.md §4.2, §7.2, §7.4) on tiny GTA5/Cityscapes trees."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +15,15 @@ from PIL import Image
 from ssr.data import prepare
 from ssr.data.labels import TRAIN_ID_TO_LABEL_ID
 
+from helpers import FIXTURES, exit_code, run_cli
+
 CS_FRAME = "frankfurt_000000_000294"
 
 
-def gta_palette(shared_fixtures: Path) -> list[int]:
+def gta_palette() -> list[int]:
     """GTA5's label palette (index = Cityscapes label id) as PIL's flat 768-value list."""
     flat = [0] * 768
-    with open(shared_fixtures / "gta5_label_palette.csv") as f:
+    with open(FIXTURES / "gta5_label_palette.csv") as f:
         for row in csv.DictReader(f):
             i = int(row["gta_label_index"])
             flat[3 * i : 3 * i + 3] = [int(row[f"cityscapes_{c}"]) for c in "rgb"]
@@ -64,9 +64,9 @@ def expected_train_ids(ids: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture
-def gta_raw(tmp_path: Path, shared_fixtures: Path) -> tuple[Path, list[np.ndarray]]:
+def gta_raw(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
     root = tmp_path / "gta"
-    return root, write_gta_raw(root, gta_palette(shared_fixtures))
+    return root, write_gta_raw(root, gta_palette())
 
 
 def test_palette_png_is_decoded_by_index(gta_raw: tuple[Path, list[np.ndarray]]) -> None:
@@ -80,7 +80,7 @@ def test_palette_png_is_decoded_by_index(gta_raw: tuple[Path, list[np.ndarray]])
 def test_gta5_conversion_and_rcs_statistics(gta_raw: tuple[Path, list[np.ndarray]]) -> None:
     root, id_maps = gta_raw
     (root / "labels" / "preview.png").write_bytes(b"not a label, and not NNNNN.png")
-    assert prepare.main(["gta5", str(root), "--nproc", "1"]) == 0
+    assert exit_code(prepare.main, ["gta5", str(root), "--nproc", "1"]) == 0
 
     stats = json.loads((root / "sample_class_stats.json").read_text())
     stats_dict = json.loads((root / "sample_class_stats_dict.json").read_text())
@@ -109,26 +109,26 @@ def test_rerun_skips_finished_files_and_repairs_missing_ones(
     gta_raw: tuple[Path, list[np.ndarray]],
 ) -> None:
     root, _ = gta_raw
-    assert prepare.main(["gta5", str(root), "--nproc", "1"]) == 0
+    assert exit_code(prepare.main, ["gta5", str(root), "--nproc", "1"]) == 0
     done = root / "labels" / "00001_labelTrainIds.png"
     gone = root / "labels" / "00002_labelTrainIds.png"
     os.utime(done, ns=(1, 1))
     content = gone.read_bytes()
     stats = (root / "sample_class_stats.json").read_text()
     gone.unlink()
-    assert prepare.main(["gta5", str(root), "--nproc", "1"]) == 0
+    assert exit_code(prepare.main, ["gta5", str(root), "--nproc", "1"]) == 0
     assert done.stat().st_mtime_ns == 1  # not rewritten
     assert gone.read_bytes() == content
     assert (root / "sample_class_stats.json").read_text() == stats
 
 
-def test_pool_gives_the_same_result(tmp_path: Path, shared_fixtures: Path) -> None:
-    palette = gta_palette(shared_fixtures)
+def test_pool_gives_the_same_result(tmp_path: Path) -> None:
+    palette = gta_palette()
     one, two = tmp_path / "one", tmp_path / "two"
     write_gta_raw(one, palette, n=6)
     write_gta_raw(two, palette, n=6)
-    assert prepare.main(["gta5", str(one), "--nproc", "1"]) == 0
-    assert prepare.main(["gta5", str(two), "--nproc", "2"]) == 0
+    assert exit_code(prepare.main, ["gta5", str(one), "--nproc", "1"]) == 0
+    assert exit_code(prepare.main, ["gta5", str(two), "--nproc", "2"]) == 0
     for name in ("sample_class_stats.json", "samples_with_class.json"):
         assert (one / name).read_text() == (two / name).read_text()
 
@@ -142,7 +142,7 @@ def test_cityscapes_all_splits(tmp_path: Path) -> None:
         ids = rng.integers(0, 34, (16, 32), dtype=np.uint8)
         Image.fromarray(ids).save(folder / f"city_000000_00000{len(written)}_gtFine_labelIds.png")
         written[split] = (folder, ids)
-    assert prepare.main(["cityscapes", str(tmp_path), "--nproc", "1"]) == 0
+    assert exit_code(prepare.main, ["cityscapes", str(tmp_path), "--nproc", "1"]) == 0
     for folder, ids in written.values():
         (out,) = folder.glob("*_gtFine_labelTrainIds.png")
         np.testing.assert_array_equal(np.asarray(Image.open(out)), expected_train_ids(ids))
@@ -155,7 +155,7 @@ def test_cityscapes_real_fixture_matches_official_train_ids(
     dst = tmp_path / "gtFine" / "val" / "frankfurt"
     dst.mkdir(parents=True)
     shutil.copy(src / f"{CS_FRAME}_gtFine_labelIds.png", dst)
-    assert prepare.main(["cityscapes", str(tmp_path), "--nproc", "1"]) == 0
+    assert exit_code(prepare.main, ["cityscapes", str(tmp_path), "--nproc", "1"]) == 0
     ours = np.asarray(Image.open(dst / f"{CS_FRAME}_gtFine_labelTrainIds.png"))
     official = np.asarray(Image.open(src / f"{CS_FRAME}_gtFine_labelTrainIds.png"))
     # The fixture's two files were downscaled independently: 77 of 32768 pixels differ.
@@ -164,7 +164,7 @@ def test_cityscapes_real_fixture_matches_official_train_ids(
 
 
 def _bad(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> None:
-    assert prepare.main(argv) == 2
+    assert exit_code(prepare.main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     for needle in needles:
@@ -193,22 +193,20 @@ def test_bad_inputs_exit_2_with_one_line(
     assert not list(root.rglob("*.tmp"))
 
 
-def test_module_cli_end_to_end(gta_raw: tuple[Path, list[np.ndarray]], tmp_path: Path) -> None:
+def test_cli_prints_what_it_did(
+    gta_raw: tuple[Path, list[np.ndarray]], capsys: pytest.CaptureFixture[str]
+) -> None:
     root, _ = gta_raw
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    ok = subprocess.run(
-        [sys.executable, "-m", "ssr.data.prepare", "gta5", str(root), "--nproc", "1"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert ok.returncode == 0, ok.stderr
+    assert exit_code(prepare.main, ["gta5", str(root), "--nproc", "1"]) == 0
+    assert f"gta5: 4 label files ready in {root}" in capsys.readouterr().out
     assert (root / "samples_with_class.json").is_file()
-    bad = subprocess.run(
-        [sys.executable, "-m", "ssr.data.prepare", "cityscapes", str(tmp_path / "absent")],
-        capture_output=True,
-        text=True,
-        env=env,
+
+
+def test_module_cli_in_a_subprocess(tmp_path: Path) -> None:
+    """`python -m ssr.data.prepare`: a user error is exit status 2 and one line on stderr."""
+    proc = run_cli(
+        "ssr.data.prepare", "cityscapes", str(tmp_path / "absent"), cwd=tmp_path, timeout=300
     )
-    assert bad.returncode == 2
-    assert bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and "absent" in err

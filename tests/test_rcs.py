@@ -1,4 +1,4 @@
-"""Rare class sampling (ALGORITHM.md §4.2) on a hand-made statistics file."""
+"""Rare class sampling (docs/method.md §4.2) on a hand-made statistics file."""
 
 from __future__ import annotations
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ssr import report
 from ssr.data.labels import CLASSES
+
+from helpers import compose_cfg, exit_code, run_cli
 
 
 def fake_run(
@@ -53,7 +53,7 @@ def test_groups_by_overrides_except_seed_with_mean_and_std(sweep: Path) -> None:
 
 def test_cli_writes_markdown_and_csv(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert report.main([str(sweep), "--out", str(out)]) == 0
+    assert exit_code(report.main, [str(sweep), "--out", str(out)]) == 0
     md = (out / "report.md").read_text().splitlines()
     assert md[0].startswith("| group | seeds | mIoU | aAcc | road |")
     row = next(line for line in md if line.startswith("| experiment=mic_ssr"))
@@ -76,11 +76,9 @@ def test_more_ignored_keys_merge_groups(sweep: Path) -> None:
 
 
 def test_folder_without_metrics_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """`python -m ssr.report` in a subprocess: exit status 2 and one line on stderr."""
     (tmp_path / "empty" / "0").mkdir(parents=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "ssr.report", str(tmp_path / "empty")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = run_cli("ssr.report", str(tmp_path / "empty"), cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "no metrics.json under" in proc.stderr, proc.stderr
 
@@ -94,23 +92,17 @@ def test_bad_metrics_file_names_the_file(
 ) -> None:
     (tmp_path / "0").mkdir()
     (tmp_path / "0" / "metrics.json").write_text(content)
-    assert report.main([str(tmp_path)]) == 2
+    assert exit_code(report.main, [str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and str(tmp_path / "0" / "metrics.json") in err
 
 
 def test_missing_folder_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert report.main([str(tmp_path / "nowhere")]) == 2
+    assert exit_code(report.main, [str(tmp_path / "nowhere")]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
 
 def test_seed_sweep_config_is_a_three_seed_multirun() -> None:
-    from hydra import compose, initialize_config_dir
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(str(conf), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=["experiment=demo", "sweep=seeds"], return_hydra_config=True
-        )
+    cfg = compose_cfg("train", "experiment=demo", "sweep=seeds", hydra=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.hydra.sweeper.params == {"seed": "0,1,2"}

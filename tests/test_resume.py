@@ -1,9 +1,8 @@
-"""Exact resume and crash-safe checkpoints (issue 5): atomic writes, `ckpt_path` resolution,
+"""Exact resume and crash-safe checkpoints: atomic writes, `ckpt_path` resolution,
 bit-exact continuation in-process and after a SIGKILL of `python -m ssr.train`."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,22 +14,25 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
-from ssr.checkpointing import (
-    AtomicCheckpointIO,
-    ResumeError,
-    RNGStateCallback,
-    atomic_torch_save,
-    resolve_ckpt_path,
-)
+from ssr.io import atomic_torch_save
+from ssr.run.resume import ResumeError, resolve_ckpt_path
+from ssr.run.rng import RNGStateCallback
+from ssr.run.trainer import AtomicCheckpointIO
 from ssr.train import build_module
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+from helpers import (
+    CLI_ENV,
+    compose_cfg,
+    cpu_trainer,
+    run_cli,
+    synthetic_data,
+    synthetic_train,
+    torch_threads,
+)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -60,7 +62,7 @@ def test_failed_save_keeps_previous_checkpoint_and_no_temp_file(tmp_path: Path) 
 KILL_WRITER = textwrap.dedent(
     """
     import sys, torch
-    from ssr.checkpointing import atomic_torch_save
+    from ssr.io import atomic_torch_save
     version = 0
     while True:
         version += 1
@@ -136,19 +138,12 @@ def test_ckpt_path_last_and_auto_resolution(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------ in-process exact continuation
 def build(synthetic_root: Path) -> tuple[pl.LightningModule, pl.LightningDataModule]:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "experiment=demo_mic",
-                f"data.source_root={synthetic_root / 'gta'}",
-                f"data.target_root={synthetic_root / 'cityscapes'}",
-                "data.num_workers=0",
-                "data.batch_size=2",
-                "data.rcs.min_pixels=10",
-                "data.crop_size=[32,32]",  # a quarter of the demo's compute per step
-            ],
-        )
+    cfg = compose_cfg(
+        "train",
+        "experiment=demo_mic",
+        *synthetic_train(synthetic_root, batch_size=2),
+        "data.crop_size=[32,32]",  # a quarter of the demo's compute per step
+    )
     pl.seed_everything(cfg.seed, workers=True)  # what train() does first
     module = build_module(cfg)
     return module, instantiate(cfg.data)
@@ -158,12 +153,9 @@ def fit(
     synthetic_root: Path, out: Path, steps: int, ckpt_path: Path | None = None
 ) -> dict[str, Any]:
     module, datamodule = build(synthetic_root)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = cpu_trainer(
         max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         limit_val_batches=0,
         plugins=[AtomicCheckpointIO()],
         callbacks=[
@@ -171,9 +163,27 @@ def fit(
             RNGStateCallback(),
         ],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with torch_threads(1):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     trainer.save_checkpoint(out / "final.ckpt")
     return load(out / "final.ckpt")
+
+
+def assert_bit_equal(a: Any, b: Any, where: str) -> None:
+    """Nested dicts / lists / tuples of tensors and plain values: equal, tensors bit for bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_bit_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bit_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
 
 
 def assert_same_training_state(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -191,8 +201,9 @@ def assert_same_training_state(a: dict[str, Any], b: dict[str, Any]) -> None:
     # seeded from OS entropy and never drawn from (draws use a generator seeded by the index).
     dm_a, dm_b = a["UDADataModule"], b["UDADataModule"]
     assert (dm_a["seed"], dm_a["next_index"]) == (dm_b["seed"], dm_b["next_index"])
-    for rng in ("uda_rng", "global_rng"):
-        assert repr(a[rng]) == repr(b[rng]), rng
+    # Global streams (torch, NumPy, Python) and the module's own (ClassMix, jitter, MIC masks).
+    for rng in ("module_rng", "global_rng"):
+        assert_bit_equal(a[rng], b[rng], rng)
 
 
 def test_resume_in_process_is_bit_exact(synthetic_root: Path, tmp_path: Path) -> None:
@@ -204,14 +215,17 @@ def test_resume_in_process_is_bit_exact(synthetic_root: Path, tmp_path: Path) ->
     )
     assert_same_training_state(full, resumed)
     assert full["UDADataModule"]["next_index"] == 2 * 2
+    # One entry per rank; the module's generators are those of its mixing part.
+    assert len(full["global_rng"]) == len(full["module_rng"]) == 1
+    assert set(full["module_rng"][0]["mixing"]) == {"numpy", "python", "torch"}
+    step1 = load(tmp_path / "full" / "epoch=0-step=1.ckpt")["module_rng"][0]["mixing"]
+    assert step1["numpy"] != full["module_rng"][0]["mixing"]["numpy"]  # step 2 drew from it
 
 
 # ------------------------------------------------------ SIGKILL / SIGUSR1 of python -m ssr.train
-def train_cmd(synthetic_root: Path, run_dir: Path, *extra: str) -> list[str]:
+def train_args(synthetic_root: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "ssr.train", "experiment=demo_mic",
-        f"data.source_root={synthetic_root / 'gta'}",
-        f"data.target_root={synthetic_root / 'cityscapes'}",
+        "experiment=demo_mic", *synthetic_data(synthetic_root),
         "data.num_workers=1", "data.batch_size=2", "data.rcs.min_pixels=10",
         "trainer.max_steps=6", "trainer.val_check_interval=3",
         "callbacks.model_checkpoint.every_n_train_steps=2",
@@ -220,21 +234,16 @@ def train_cmd(synthetic_root: Path, run_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HYDRA_FULL_ERROR": "1"}
-
-
 def train(synthetic_root: Path, run_dir: Path, *extra: str) -> None:
-    proc = subprocess.run(
-        train_cmd(synthetic_root, run_dir, *extra), env=ENV, capture_output=True, text=True
-    )
+    proc = run_cli("ssr.train", *train_args(synthetic_root, run_dir, *extra), cwd=run_dir.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def start_and_signal(synthetic_root: Path, run_dir: Path, signum: int, step: int) -> int:
     """Start a run, send `signum` once its last.ckpt has reached `step`; the exit code."""
     proc = subprocess.Popen(
-        train_cmd(synthetic_root, run_dir),
-        env=ENV,
+        [sys.executable, "-m", "ssr.train", *train_args(synthetic_root, run_dir)],
+        env=CLI_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

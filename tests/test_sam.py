@@ -1,4 +1,4 @@
-"""SSR's SAM regulariser (ALGORITHM.md §6): freezing, fusion math, stage selection, weight files."""
+"""SSR's SAM regulariser (docs/method.md §6): freezing, fusion math, stages, weight files."""
 
 from __future__ import annotations
 
@@ -12,22 +12,25 @@ from omegaconf import OmegaConf
 from segment_anything import sam_model_registry
 
 from ssr.data.labels import MEAN, STD
-from ssr.uda.sam import (
-    SAM_VARIANTS,
-    CrossAttentionFusion,
-    SamCheckpointError,
-    SamRegularizer,
-    StageProjection,
-    build_sam_encoder,
-)
+from ssr.uda import sam_encoder
+from ssr.uda.sam_encoder import SAM_VARIANTS, SamCheckpointError, SamEncoder, build_sam_encoder
+from ssr.uda.ssr import CrossAttentionFusion, SSRRegularizer, StageProjection
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "uda" / "sam"
+from helpers import compose_cfg
+
 TINY_DIMS, TINY_HEADS = (16, 32, 80, 128), (1, 2, 5, 8)  # MiT "tiny" (ssr.model.mit)
 B5_DIMS = (64, 128, 320, 512)
+SAM_CONFIGS = ("vit_b", "vit_l", "vit_h", "tiny")  # the uda/sam group
 
 
-def tiny_sam(**kwargs) -> SamRegularizer:
-    return SamRegularizer("tiny", None, stage_dims=TINY_DIMS, stage_heads=TINY_HEADS, **kwargs)
+def tiny_sam(**kwargs) -> SSRRegularizer:
+    return SSRRegularizer(
+        SamEncoder("tiny"), stage_dims=TINY_DIMS, stage_heads=TINY_HEADS, **kwargs
+    )
+
+
+def trainable(sam: SSRRegularizer) -> list[torch.nn.Parameter]:
+    return [p for _, p in sam.named_trainable_parameters()]
 
 
 def stage_feats(batch: int = 2, size: int = 64) -> list[torch.Tensor]:
@@ -39,9 +42,9 @@ def stage_feats(batch: int = 2, size: int = 64) -> list[torch.Tensor]:
     ]
 
 
-def fused_backward(sam: SamRegularizer) -> list[torch.Tensor]:
+def fused_backward(sam: SSRRegularizer) -> list[torch.Tensor]:
     imgs = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    s_src, _ = sam.encode_pair(imgs[:2], imgs[2:])
+    s_src, _ = sam.encoder.encode_pair(imgs[:2], imgs[2:])
     feats = stage_feats()
     sum(f.square().mean() for f in sam.fuse(feats, s_src)).backward()
     return feats
@@ -55,15 +58,20 @@ def save_sam_file(path: Path, encoder: torch.nn.Module) -> Path:
     return path
 
 
+def sam_node(name: str, *overrides: str):
+    """`uda.sam` of experiment=ssr with the `uda/sam=<name>` variant."""
+    return compose_cfg("train", "experiment=ssr", f"uda/sam={name}", *overrides).uda.sam
+
+
 def test_sam_is_frozen_untrained_and_unsaved():
     sam = tiny_sam()
     sam.train()
     encoder_params = list(sam.encoder.parameters())
     assert encoder_params and not any(p.requires_grad for p in encoder_params)
-    assert not sam.encoder.training and sam.training
-    trainable = {id(p) for p in sam.trainable_parameters()}
-    assert trainable.isdisjoint(id(p) for p in encoder_params)
-    assert trainable == {id(p) for n, p in sam.named_parameters() if not n.startswith("encoder.")}
+    assert sam.training and not any(m.training for m in sam.encoder.encoder.modules())
+    trained = {id(p) for p in trainable(sam)}
+    assert trained.isdisjoint(id(p) for p in encoder_params)
+    assert trained == {id(p) for n, p in sam.named_parameters() if not n.startswith("encoder.")}
     keys = set(sam.state_dict())
     assert not any(k.startswith("encoder.") for k in keys)
     assert keys == {n for n, _ in sam.named_parameters() if not n.startswith("encoder.")}
@@ -74,20 +82,20 @@ def test_backward_reaches_features_and_fusion_but_not_sam():
     feats = fused_backward(sam)
     assert all(p.grad is None for p in sam.encoder.parameters())
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
-    assert all(p.grad is not None for p in sam.trainable_parameters())
+    assert all(p.grad is not None for p in trainable(sam))
 
 
 def test_encode_resizes_and_pairs_in_one_batch():
-    sam = tiny_sam()
+    sam = tiny_sam().encoder
     src = torch.randn(2, 3, 64, 64)
     mix = torch.randn(2, 3, 48, 80)  # non-square: resized to SAM's square input like the crops
     s_src, s_mix = sam.encode_pair(src, mix)
-    assert s_src.shape == s_mix.shape == (2, sam.sam_dim, 8, 8)
+    assert s_src.shape == s_mix.shape == (2, sam.dim, 8, 8) and sam.grid == 8
     assert not s_src.requires_grad
-    torch.testing.assert_close(s_src, sam.encode(src), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s_mix, sam.encode(mix), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_src, sam(src), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_mix, sam(mix), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="expects"):
-        sam.encode(torch.randn(2, 1, 64, 64))
+        sam(torch.randn(2, 1, 64, 64))
 
 
 @pytest.mark.parametrize(("dim", "heads", "n"), [(16, 1, 64), (80, 5, 16), (128, 8, 4)])
@@ -126,18 +134,18 @@ def test_explicit_attention_is_the_textbook_formula():
 def test_fuse_is_a_residual_with_row_major_reshape():
     sam = tiny_sam(stages=[1])
     feats = stage_feats()
-    s = sam.encode(torch.randn(2, 3, 64, 64))
+    s = sam.encoder(torch.randn(2, 3, 64, 64))
     out = sam.fuse(feats, s)
     tokens = s.flatten(2).transpose(1, 2)
     delta = sam.fusion_layer[1](feats[1].flatten(2).transpose(1, 2), sam.embedding_layer[1](tokens))
     torch.testing.assert_close(out[1] - feats[1], delta.transpose(1, 2).reshape(feats[1].shape))
 
 
-@pytest.mark.parametrize("stages", [[], [3], [2, 3], [1, 2, 3], [0, 1, 2, 3]])
+@pytest.mark.parametrize("stages", [[3], [2, 3], [1, 2, 3], [0, 1, 2, 3]])
 def test_stage_selection_decides_which_fusion_layers_learn(stages: list[int]):
     sam = tiny_sam(stages=stages)
     feats = stage_feats()
-    out = sam.fuse(feats, sam.encode(torch.randn(2, 3, 64, 64)))
+    out = sam.fuse(feats, sam.encoder(torch.randn(2, 3, 64, 64)))
     sum(o.square().mean() for o in out).backward()
     for i in range(4):
         layers = [sam.embedding_layer[i], sam.fusion_layer[i]]
@@ -157,67 +165,46 @@ def test_fusion_parameter_count_matches_mit_b5():
     layers += [CrossAttentionFusion(c, h) for c, h in zip(B5_DIMS, TINY_HEADS, strict=True)]
     assert sum(p.numel() for m in layers for p in m.parameters()) == 1_804_288
     sam = tiny_sam()  # same formula at the tiny SAM width
-    d = sam.sam_dim
+    d = sam.encoder.dim
     expected = sum((d + 1) * c + 4 * c * c + c for c in TINY_DIMS)
-    assert sum(p.numel() for p in sam.trainable_parameters()) == expected
+    assert sum(p.numel() for p in trainable(sam)) == expected
 
 
 def test_state_dict_roundtrip_keeps_sam_from_its_source(tmp_path: Path):
     sam = tiny_sam()
     fused_backward(sam)
     torch.save(sam.state_dict(), tmp_path / "ssr.pt")
-    other = SamRegularizer(
-        "tiny", None, stage_dims=TINY_DIMS, stage_heads=TINY_HEADS, attention="explicit"
-    )
+    other = tiny_sam(attention="explicit")
     with torch.no_grad():
-        for p in other.trainable_parameters():
+        for p in trainable(other):
             p.add_(1.0)
     state = torch.load(tmp_path / "ssr.pt", weights_only=True)
-    state["encoder.pos_embed"] = torch.full_like(other.encoder.pos_embed, 7.0)  # stale/foreign
+    pos_embed = other.encoder.encoder.pos_embed
+    state["encoder.encoder.pos_embed"] = torch.full_like(pos_embed, 7.0)  # stale/foreign
     other.load_state_dict(state, strict=True)
     for (n, p), q in zip(sam.named_parameters(), other.parameters(), strict=True):
         torch.testing.assert_close(p, q, msg=n)
-    assert not torch.equal(other.encoder.pos_embed, torch.full_like(other.encoder.pos_embed, 7.0))
+    assert not torch.equal(other.encoder.encoder.pos_embed, torch.full_like(pos_embed, 7.0))
 
 
-def test_load_official_fusion_weights():
-    sam = SamRegularizer("tiny", None, stage_dims=TINY_DIMS, stage_heads=TINY_HEADS, stages=[3])
-    d, gen = sam.sam_dim, torch.Generator().manual_seed(3)
-    state: dict[str, torch.Tensor] = {"model.backbone.patch_embed1.proj.weight": torch.zeros(1)}
-    state["predictor.pos_embed"] = torch.zeros(1)
-    for i, c in enumerate(TINY_DIMS):
-        shapes = {
-            f"embedding_layer.{i}.proj.weight": (c, d),
-            f"embedding_layer.{i}.proj.bias": (c,),
-            f"fusion_layer.{i}.q.weight": (c, c),
-            f"fusion_layer.{i}.kv.weight": (2 * c, c),
-            f"fusion_layer.{i}.proj.weight": (c, c),
-            f"fusion_layer.{i}.proj.bias": (c,),
-        }
-        state |= {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    loaded = sam.load_official({"meta": {}, "state_dict": state})
-    assert len(loaded) == 24
-    own = sam.state_dict()
-    for key in loaded:
-        torch.testing.assert_close(own[key], state[key])
-    del state["fusion_layer.2.kv.weight"]
-    with pytest.raises(SamCheckpointError, match=r"fusion_layer\.2\.kv\.weight"):
-        sam.load_official(state)
-
-
-def test_normalisation_mismatch_is_refused():
-    assert tiny_sam(data_mean=list(MEAN), data_std=list(STD)).pixel_mean == pytest.approx(MEAN)
+def test_normalisation_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch):
+    _, mean, std = build_sam_encoder("tiny")
+    assert mean == pytest.approx(MEAN) and std == pytest.approx(STD)
+    monkeypatch.setattr(sam_encoder, "MEAN", (0.485, 0.456, 0.406))  # 0-1 scale ImageNet stats
+    monkeypatch.setattr(sam_encoder, "STD", (0.229, 0.224, 0.225))
     with pytest.raises(ValueError, match="pixel_mean"):
-        tiny_sam(data_mean=[0.485, 0.456, 0.406], data_std=[0.229, 0.224, 0.225])
+        SamEncoder("tiny")
 
 
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="stages"):
         tiny_sam(stages=[4])
+    with pytest.raises(ValueError, match="stages"):  # no stage = no SAM: uda.sam=null
+        tiny_sam(stages=[])
+    with pytest.raises(ValueError, match="stages"):
+        tiny_sam(stages=[2, 2])
     with pytest.raises(ValueError, match="attention"):
         tiny_sam(attention="flash")
-    with pytest.raises(ValueError, match="input_size"):
-        tiny_sam(input_size=256)
     with pytest.raises(ValueError, match="unknown SAM variant"):
         build_sam_encoder("vit_s")
 
@@ -225,9 +212,9 @@ def test_bad_arguments_are_refused():
 def test_missing_checkpoint_names_file_and_variant(tmp_path: Path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(SamCheckpointError, match=r"nope\.pth.*vit_b.*sam_vit_b_01ec64\.pth"):
-        SamRegularizer("vit_b", str(missing))
+        SamEncoder("vit_b", str(missing))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(SamCheckpointError, match="cannot read"):
+    with pytest.raises(SamCheckpointError, match="not a readable"):
         build_sam_encoder("vit_l", tmp_path / "junk.pth")
     torch.save({"model.backbone.x": torch.zeros(1)}, tmp_path / "mit.pth")
     with pytest.raises(SamCheckpointError, match="not a SAM checkpoint"):
@@ -272,25 +259,61 @@ def test_tiny_weights_are_seeded_without_touching_global_rng():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h", "tiny"])
+@pytest.mark.parametrize("name", SAM_CONFIGS)
 def test_hydra_configs_are_constructor_kwargs(name: str, tmp_path: Path):
-    cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
-    params = inspect.signature(SamRegularizer).parameters
-    assert cfg._target_ == "ssr.uda.sam.SamRegularizer"
-    assert set(cfg) - {"_target_"} <= set(params)
+    cfg = sam_node(name, f"paths.weights_dir={tmp_path}")
+    assert cfg._target_ == "ssr.uda.ssr.SSRRegularizer" and cfg._partial_
+    assert set(cfg) - {"_target_", "_partial_"} <= set(inspect.signature(SSRRegularizer).parameters)
     assert not {"stage_dims", "stage_heads"} & set(cfg)  # the backbone provides them
-    root = OmegaConf.create({"paths": {"weights_dir": str(tmp_path)}, "sam": cfg})
+    assert cfg.encoder._target_ == "ssr.uda.sam_encoder.SamEncoder"
+    assert set(cfg.encoder) - {"_target_"} <= set(inspect.signature(SamEncoder).parameters)
     if name == "tiny":
-        sam = instantiate(root.sam, stage_dims=list(TINY_DIMS), stage_heads=list(TINY_HEADS))
+        sam = instantiate(cfg)(stage_dims=list(TINY_DIMS), stage_heads=list(TINY_HEADS))
         assert sam.stages == (0, 1, 2, 3) and sam.loss_weight == 1.0
+        assert sam.encoder.variant == "tiny" and sam.encoder.checkpoint is None
         return
-    assert root.sam.checkpoint == str(tmp_path / SAM_VARIANTS[name].filename)
+    assert cfg.encoder.checkpoint == str(tmp_path / SAM_VARIANTS[name].filename)
     with pytest.raises(Exception, match=SAM_VARIANTS[name].filename):  # Hydra wraps the error
-        instantiate(root.sam, stage_dims=list(B5_DIMS), stage_heads=list(TINY_HEADS))
+        instantiate(cfg)(stage_dims=list(B5_DIMS), stage_heads=list(TINY_HEADS))
+
+
+def _leaves(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {
+            k: v for key, sub in node.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()
+        }
+    return {prefix.rstrip("."): node}
+
+
+def _train_leaves(*overrides: str) -> dict[str, object]:
+    """Every value of the composed (unresolved) train config, by dotted key."""
+    return _leaves(OmegaConf.to_container(compose_cfg("train", "experiment=ssr", *overrides)))
+
+
+@pytest.fixture(scope="module")
+def vit_b_leaves() -> dict[str, object]:
+    return _train_leaves("uda/sam=vit_b")
+
+
+@pytest.mark.parametrize("name", [n for n in SAM_CONFIGS if n != "vit_b"])
+def test_sam_variants_differ_from_vit_b_only_in_the_encoder_file(
+    name: str, vit_b_leaves: dict[str, object]
+):
+    """vit_l / vit_h / tiny are deltas of vit_b: the same run around another SAM encoder."""
+    base, variant = vit_b_leaves, _train_leaves(f"uda/sam={name}")
+    assert base.keys() == variant.keys()
+    differ = {k for k in base if base[k] != variant[k]}
+    assert differ == {"uda.sam.encoder.variant", "uda.sam.encoder.checkpoint"}
+    assert base["uda.sam.encoder.variant"] == "vit_b" and variant["uda.sam.encoder.variant"] == name
+    checkpoint = variant["uda.sam.encoder.checkpoint"]
+    if name == "tiny":
+        assert checkpoint is None
+    else:
+        assert checkpoint == "${paths.weights_dir}/" + SAM_VARIANTS[name].filename
 
 
 def test_sha256_verification_rejects_a_file_that_is_not_the_release(tmp_path: Path) -> None:
     fake = tmp_path / "sam_vit_b_01ec64.pth"
     fake.write_bytes(b"not the released file")
     with pytest.raises(SamCheckpointError, match="sha256"):
-        SamRegularizer(variant="vit_b", checkpoint=str(fake), verify_sha256=True)
+        SamEncoder(variant="vit_b", checkpoint=str(fake), verify_sha256=True)

@@ -15,6 +15,8 @@ from PIL import Image
 from ssr.data import synthetic as syn
 from ssr.data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES, label_ids_to_train_ids
 
+from helpers import FIXTURES, exit_code, run_cli
+
 SMALL = {"num_source": 4, "num_target_train": 3, "num_target_val": 2}
 USED_IDS = {int(i) for i in syn.Lid}
 NOT_EVALUATED = {0, 1, 3, 4}  # unlabeled, ego vehicle, out of roi, static
@@ -53,8 +55,8 @@ def test_gta_raw_format(small_set: Path) -> None:
     assert syn.GTA_LABEL_PALETTE[4] == (20, 20, 20)  # GTA5's "static", unlike cityscapesScripts
 
 
-def test_palette_matches_the_real_gta5_palette(shared_fixtures: Path) -> None:
-    with open(shared_fixtures / "gta5_label_palette.csv", newline="") as f:
+def test_palette_matches_the_real_gta5_palette() -> None:
+    with open(FIXTURES / "gta5_label_palette.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     expected = [
         (int(r["cityscapes_r"]), int(r["cityscapes_g"]), int(r["cityscapes_b"]))
@@ -162,10 +164,12 @@ def _cli(out: Path, *extra: str) -> list[str]:
 def test_cli_rejects_a_file_as_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     not_a_dir = tmp_path / "file.txt"
     not_a_dir.write_text("x")
-    assert syn.main(_cli(not_a_dir)) == 2
+    assert exit_code(syn.main, _cli(not_a_dir)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(not_a_dir) in err
-    assert syn.main(_cli(not_a_dir / "sub")) == 2  # parent is a file: cannot create the folder
+    assert (
+        exit_code(syn.main, _cli(not_a_dir / "sub")) == 2
+    )  # parent is a file: cannot create the folder
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
@@ -173,16 +177,16 @@ def test_cli_rerun_skips_refuses_and_forces(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "data"
-    assert syn.main(_cli(out)) == 0
+    assert exit_code(syn.main, _cli(out)) == 0
     image = out / "gta" / "images" / "00001.png"
     stamp = image.stat().st_mtime_ns
-    assert syn.main(_cli(out)) == 0  # same settings: nothing to do
+    assert exit_code(syn.main, _cli(out)) == 0  # same settings: nothing to do
     assert "nothing to do" in capsys.readouterr().out and image.stat().st_mtime_ns == stamp
-    assert syn.main(_cli(out, "--seed", "1")) == 2  # other settings: refused
+    assert exit_code(syn.main, _cli(out, "--seed", "1")) == 2  # other settings: refused
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--force" in err
     before = image.read_bytes()
-    assert syn.main(_cli(out, "--seed", "1", "--force")) == 0
+    assert exit_code(syn.main, _cli(out, "--seed", "1", "--force")) == 0
     assert json.loads((out / syn.MARKER_NAME).read_text())["seed"] == 1
     assert image.read_bytes() != before
 
@@ -194,7 +198,7 @@ def test_cli_refuses_foreign_and_interrupted_folders(
     (foreign / "gta").mkdir(parents=True)
     (foreign / "gta" / "keep.txt").write_text("real data")
     for extra in ((), ("--force",)):  # --force never deletes what the generator did not write
-        assert syn.main(_cli(foreign, *extra)) == 2
+        assert exit_code(syn.main, _cli(foreign, *extra)) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(foreign / "gta") in err
     assert (foreign / "gta" / "keep.txt").read_text() == "real data"
@@ -202,26 +206,35 @@ def test_cli_refuses_foreign_and_interrupted_folders(
     cluttered = tmp_path / "notes"
     cluttered.mkdir()
     (cluttered / "notes.txt").write_text("x")
-    assert syn.main(_cli(cluttered)) == 2
+    assert exit_code(syn.main, _cli(cluttered)) == 2
     assert "not empty" in capsys.readouterr().err
-    assert syn.main(_cli(cluttered, "--force")) == 0  # writes beside, deletes nothing
+    assert exit_code(syn.main, _cli(cluttered, "--force")) == 0  # writes beside, deletes nothing
     assert (cluttered / "notes.txt").exists() and (cluttered / "gta" / "images").is_dir()
 
     interrupted = tmp_path / "half"
-    assert syn.main(_cli(interrupted)) == 0
+    assert exit_code(syn.main, _cli(interrupted)) == 0
     marker = interrupted / syn.MARKER_NAME
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "complete": False}))
     capsys.readouterr()
-    assert syn.main(_cli(interrupted)) == 2
+    assert exit_code(syn.main, _cli(interrupted)) == 2
     assert "interrupted" in capsys.readouterr().err
-    assert syn.main(_cli(interrupted, "--force")) == 0
+    assert exit_code(syn.main, _cli(interrupted, "--force")) == 0
     assert json.loads(marker.read_text())["complete"]
 
 
 def test_counts_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(syn.SyntheticDataError, match="num_source"):
         syn.generate(tmp_path / "x", num_source=0)
-    with pytest.raises(SystemExit) as exc:
-        syn.main(_cli(tmp_path / "x", "--num-target-val", "0"))
-    assert exc.value.code == 2
+    assert exit_code(syn.main, _cli(tmp_path / "x", "--num-target-val", "0")) == 2  # argparse
     assert not (tmp_path / "x").exists()
+
+
+def test_module_cli_in_a_subprocess(tmp_path: Path) -> None:
+    """`python -m ssr.data.synthetic`: a user error is exit status 2 and one line on stderr."""
+    not_a_dir = tmp_path / "file.txt"
+    not_a_dir.write_text("x")
+    proc = run_cli("ssr.data.synthetic", *_cli(not_a_dir), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and str(not_a_dir) in err
+    assert not_a_dir.read_text() == "x"

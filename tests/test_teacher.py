@@ -1,4 +1,4 @@
-"""EMA teacher: the DACS decay rule and the pseudo-label weight (ALGORITHM.md §4.4, §4.5)."""
+"""EMA teacher: the DACS decay rule and the pseudo-label weight (docs/method.md §4.4, §4.5)."""
 
 from __future__ import annotations
 
@@ -139,10 +139,9 @@ def test_pseudo_label_weight_and_crop_rows_by_hand() -> None:
     expected_w[:, :1] = 0.0  # top row
     expected_w[:, -2:] = 0.0  # bottom two rows
     torch.testing.assert_close(weight, expected_w)
-    # call-time overrides: threshold 0.5 makes every pixel confident; no crop
-    _, weight_all = teacher.pseudo_label(
-        torch.zeros(b, 3, h, w), threshold=0.5, ignore_top=0, ignore_bottom=0
-    )
+    # threshold 0.5 makes every pixel confident; no crop rows
+    everything = EMATeacher(FixedLogits(logits), threshold=0.5, ignore_top=0, ignore_bottom=0)
+    _, weight_all = everything.pseudo_label(torch.zeros(b, 3, h, w))
     torch.testing.assert_close(weight_all, torch.ones(b, h, w))
 
 
@@ -178,3 +177,7 @@ def test_pseudo_label_with_the_real_tiny_segmentor() -> None:
     norms = [m for m in teacher.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(m.training for m in norms)  # the head's BN uses batch statistics
     assert not any(p.requires_grad for p in teacher.parameters())
+    buffers = [b.clone() for b in teacher.model.buffers()]
+    conf = teacher.confidence(img)  # what the debug panels draw: same pass, BN stats restored
+    assert conf.shape == (2, 64, 64) and conf.le(1).all() and conf.ge(1 / 19).all()
+    assert all(torch.equal(a, b) for a, b in zip(buffers, teacher.model.buffers(), strict=True))

@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+import torch.nn.functional as F
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ssr.model.segmentor import Prediction, Segmentor, View
+from ssr.run.cli import user_error
 from ssr.train import build_module
+from ssr.uda.fd import FeatureDistanceConfigError
 from ssr.uda.module import NonFiniteLossError, UDAConfigError, UDAModule
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from helpers import compose_cfg, cpu_trainer, uda_batch
+
+PAPER_FD = compose_cfg("train", "experiment=daformer").uda.fd  # the DAFormer FD node
 
 
 def build(experiment: str, *overrides: str, pretrained: Path | None = None) -> UDAModule:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg: DictConfig = compose("train", overrides=[f"experiment={experiment}", *overrides])
+    """The experiment's module; with `pretrained`, FD is switched on with those ImageNet weights."""
+    cfg = compose_cfg("train", f"experiment={experiment}", *overrides)
     if pretrained is not None:
         cfg.model.backbone.pretrained = str(pretrained)
+        cfg.uda.fd = PAPER_FD
     torch.manual_seed(0)
     return build_module(cfg)
 
@@ -39,49 +46,33 @@ def imagenet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def batches(n: int, size: int = 64, nan: bool = False) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
+def batches(n: int, nan: bool = False) -> list[dict]:
     out = []
-    for _ in range(n):
-        lbl = torch.randint(0, 19, (2, size // 16, size // 16), generator=g)
-        lbl = lbl.repeat_interleave(16, 1).repeat_interleave(16, 2)  # blocky: FD cells are pure
-        lbl[:, :2] = 255
-        src = torch.randn(2, 3, size, size, generator=g)
-        out.append(
-            {
-                "src_img": src * float("nan") if nan else src,
-                "src_lbl": lbl,
-                "tgt_img": torch.randn(2, 3, size, size, generator=g),
-            }
-        )
+    for i in range(n):
+        batch = uda_batch(seed=i)
+        batch["src_lbl"][:, :2] = 255
+        if nan:
+            batch["src_img"] = batch["src_img"] * float("nan")
+        out.append(batch)
     return out
 
 
 def fit(module: UDAModule, steps: int, **trainer_kwargs) -> pl.Trainer:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        **trainer_kwargs,
-    )
+    trainer = cpu_trainer(steps, limit_val_batches=0, **trainer_kwargs)
     trainer.fit(module, DataLoader(batches(steps), batch_size=None))
     return trainer
 
 
 def test_one_step_gradients_land_only_on_trainable_parts(imagenet_file: Path) -> None:
     module = build("demo_mic_ssr", "uda.sam.stages=[2,3]", pretrained=imagenet_file)
-    assert module.fd_weight == 0.005 and module.masker is not None and module.sam is not None
+    assert module.fd.weight == 0.005 and module.masking is not None and module.sam is not None
     fit(module, 1)
     for name, p in module.model.named_parameters():
         assert p.grad is not None, f"student parameter {name} got no gradient"
         assert torch.isfinite(p.grad).all(), name
     frozen = {
         "teacher": module.teacher,
-        "imnet": module.imnet_backbone,
+        "imnet": module.fd.imnet_backbone,
         "sam encoder": module.sam.encoder,
     }
     for what, part in frozen.items():
@@ -121,7 +112,8 @@ def test_checkpoint_holds_no_sam_and_optimizer_skips_frozen(tmp_path: Path) -> N
     assert "sam.fusion_layer.0.q.weight" in keys and "teacher.model.backbone.norm1.weight" in keys
     assert ckpt["model_config"]["backbone"]["variant"] == "tiny"
     n_opt = sum(len(g["params"]) for g in trainer.optimizers[0].param_groups)
-    trainable = [p for p in module.model.parameters()] + module.sam.trainable_parameters()
+    trainable = [*module.model.parameters()]
+    trainable += [p for _, p in module.sam.named_trainable_parameters()]
     assert n_opt == len(trainable)
 
 
@@ -133,18 +125,32 @@ def test_student_keys_identical_with_and_without_ssr() -> None:
 
 def test_nan_loss_stops_with_step_and_term() -> None:
     module = build("demo")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.raises(NonFiniteLossError, match="'src_ce' is nan at step 0"):
-        trainer.fit(module, DataLoader(batches(1, nan=True), batch_size=None))
+        cpu_trainer(1).fit(module, DataLoader(batches(1, nan=True), batch_size=None))
 
 
-def test_fd_without_imagenet_weights_is_an_error_unless_skipped() -> None:
+def test_fd_without_imagenet_weights_is_a_one_line_error() -> None:
+    cfg = compose_cfg("train", "experiment=demo_daformer")
+    cfg.uda.fd = PAPER_FD  # FD on, but the tiny backbone has no ImageNet weights
     with pytest.raises(InstantiationException) as info:
-        build("demo_daformer", "uda.fd_skip_without_pretrained=false")
+        build_module(cfg)
+    assert isinstance(info.value.__cause__, FeatureDistanceConfigError)
+    assert "set uda.fd=null" in user_error(info.value)  # what the CLI prints
+    assert build("demo_daformer").fd is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["experiment=demo_daformer", "uda.teacher=null"], "needs both uda.teacher and uda.mixing"),
+        (["experiment=demo", "uda/sam=tiny"], "uda.sam is part of self-training"),
+    ],
+)
+def test_inconsistent_parts_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(InstantiationException) as info:
+        build_module(compose_cfg("train", *overrides))
     assert isinstance(info.value.__cause__, UDAConfigError)
-    assert "uda.fd_skip_without_pretrained=true" in str(info.value.__cause__)
-    assert build("demo_daformer").fd_weight == 0.0
+    assert message in str(info.value.__cause__)
 
 
 def test_empty_stage_list_is_plain_daformer() -> None:
@@ -172,11 +178,54 @@ def test_single_summed_backward_gives_the_same_gradients(imagenet_file: Path) ->
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_mic_weight_scales_the_masked_loss() -> None:
+def test_masking_loss_weight_scales_the_masked_loss() -> None:
     logged = {}
     for weight in (1.0, 0.25):
-        module = build("demo_mic", f"uda.mic_weight={weight}")
+        module = build("demo_mic", f"uda.masking.loss_weight={weight}")
         torch.manual_seed(0)
         trainer = fit(module, 1)
         logged[weight] = float(trainer.callback_metrics["train/mic_ce"])
     assert logged[0.25] == pytest.approx(0.25 * logged[1.0], rel=1e-5)
+
+
+class TwoViewSegmentor(Segmentor):
+    """A multi-resolution student in the shape of HRDA: a half-resolution context view of the
+    crop and a full-resolution detail view of its top-left quarter, two weighted predictions."""
+
+    box = (0, 32, 0, 32)
+
+    def train_views(self, x: Tensor) -> list[View]:
+        y1, y2, x1, x2 = self.box
+        context = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+        return [View(context), View(x[:, :, y1:y2, x1:x2], self.box)]
+
+    def decode_train(
+        self, feats: Sequence[list[Tensor]], views: Sequence[View]
+    ) -> list[Prediction]:
+        return [
+            Prediction(self.decode(feats[0]), 0.9),
+            Prediction(self.decode(feats[1]), 0.1, self.box),
+        ]
+
+
+def test_a_multi_view_segmentor_trains_through_every_part(imagenet_file: Path) -> None:
+    """The loop only uses the segmentor's view/prediction interface: a two-view student trains
+    with teacher, ClassMix, FD, MIC and SSR unchanged, and every one of its parameters learns."""
+    cfg = compose_cfg("train", "experiment=demo_mic_ssr")
+    cfg.model.backbone.pretrained = str(imagenet_file)
+    cfg.model._target_ = f"{__name__}.TwoViewSegmentor"
+    cfg.uda.fd = PAPER_FD
+    torch.manual_seed(0)
+    module = build_module(cfg)
+    assert isinstance(module.model, TwoViewSegmentor)
+    trainer = fit(module, 1)
+    logged = set(trainer.callback_metrics)
+    assert {
+        "train/src_ce",
+        "train/ssr_src_ce",
+        "train/fd",
+        "train/mix_ce",
+        "train/mic_ce",
+    } <= logged
+    for name, p in module.model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -1,8 +1,8 @@
 """ssr: SSR (SAM is a Strong Regularizer) on DAFormer / MIC, in Lightning + Hydra."""
 
-from pathlib import Path
-
 __version__ = "0.1.0"
 
-# The Hydra configs live in the repository's conf/ (the package is installed editable, see README).
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The Hydra configs ship inside the package (src/ssr/conf), so an installed wheel finds them from
+# any directory; users add their own config folders with `hydra.searchpath=[file:///...]`.
+CONF_MODULE = "ssr.conf"
+CONF_PATH = f"pkg://{CONF_MODULE}"

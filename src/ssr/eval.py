@@ -1,18 +1,17 @@
 """Evaluation entry point: `python -m ssr.eval ckpt_path=... | pred_dir=...` (also `ssr-eval`).
 
-The paper's protocol (ALGORITHM.md §3.2, §8.4): the student (shadow branch, §3.3) sees each val
-image resized to 1024x512 keeping its ratio, one whole-image pass, logits upsampled to the input
-size and then to the label size, argmax, dataset-level IoU against full-resolution train ids.
-`pred_dir` mode scores another codebase's `*_trainIds.png` files against the same ground truth.
+The paper's protocol (docs/method.md §3.2, §8.4): the student (shadow branch, §3.3) under the test
+protocol of the `inference` group (each val image resized to 1024x512 keeping its ratio, one
+whole-image pass, logits upsampled to the input size and then to the label size), argmax,
+dataset-level IoU against full-resolution train ids. `pred_dir` mode scores another codebase's
+`*_trainIds.png` files against the same ground truth.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +19,24 @@ import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from rich.console import Console
 from rich.progress import track
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ssr import CONF_DIR
-from ssr.data.datasets import CityscapesDataset, DatasetError, read_label
+from ssr import CONF_PATH
+from ssr.data.datasets import CityscapesDataset, read_label
 from ssr.data.transforms import test_transform
+from ssr.errors import UserError
+from ssr.io import atomic_write_json
 from ssr.metrics import SegMetric, iou_table
-from ssr.model.checkpoint import CheckpointError, load_segmentor_weights, read_model_config
-from ssr.model.segmentor import Segmentor
+from ssr.model.checkpoint import load_segmentor
+from ssr.model.inference import Inference
+from ssr.run.cli import cli, resolve_device
 
 log = logging.getLogger(__name__)
-
-# Absolute: a relative config_path breaks when the module is imported (console script, tests).
 
 GT_SUFFIX = "_gtFine_labelTrainIds.png"
 PRED_SUFFIX = "_trainIds.png"
@@ -43,17 +44,15 @@ PRED_SUFFIX = "_trainIds.png"
 _CS_STEM = re.compile(r"^(.+?_\d{6}_\d{6})(?:_|$)")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError, ValueError):
     """The command line names inputs that cannot be scored (both/neither source, missing files)."""
 
 
 def evaluate(
-    segmentor: Segmentor,
+    segmentor: nn.Module,
     dataset: Dataset,
+    inference: Inference,
     device: torch.device | str = "cpu",
-    mode: str = "whole",
-    crop_size: tuple[int, int] = (512, 512),
-    stride: tuple[int, int] = (341, 341),
     num_workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -78,9 +77,7 @@ def evaluate(
             for batch in batches:
                 img = batch["img"].to(device, non_blocking=True)
                 label = batch["label"].to(device, non_blocking=True)  # (1, H, W) original size
-                logits = segmentor.inference(
-                    img, mode=mode, crop_size=crop_size, stride=stride, out_size=label.shape[-2:]
-                )
+                logits = inference.logits(segmentor, img, out_size=label.shape[-2:])
                 metric.update(logits.argmax(dim=1), label)
     finally:
         segmentor.train(was_training)
@@ -142,40 +139,6 @@ def frame_stem(name: str, suffix: str) -> str:
     return match.group(1) if match else name.removesuffix(suffix)
 
 
-def load_segmentor(
-    ckpt_path: str | Path, model_cfg: DictConfig | dict, device: torch.device | str = "cpu"
-) -> tuple[Segmentor, dict, str]:
-    """Build the student from any checkpoint format: (segmentor in eval mode, config, format).
-
-    Our Lightning and export checkpoints carry their model config; an official work-dir checkpoint
-    does not, so `model_cfg` (the `model=` group) describes it. ImageNet weights are never loaded:
-    the checkpoint overwrites every parameter (as the official test script sets `pretrained=None`).
-    """
-    config = read_model_config(ckpt_path)
-    if config is None:
-        config = (
-            OmegaConf.to_container(model_cfg, resolve=True)
-            if isinstance(model_cfg, DictConfig)
-            else model_cfg
-        )
-        variant = (config.get("backbone") or {}).get("variant")
-        log.info(f"{ckpt_path} stores no model config; building the model= config (MiT {variant})")
-    config = json.loads(json.dumps(config))  # a private deep copy
-    if isinstance(config.get("backbone"), dict) and "pretrained" in config["backbone"]:
-        config["backbone"]["pretrained"] = None
-    segmentor: Segmentor = instantiate(config)
-    fmt = load_segmentor_weights(segmentor, ckpt_path, which="student")
-    log.info(f"Loaded the student from {ckpt_path} ({fmt} format)")
-    return segmentor.to(device).eval(), config, fmt
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate what `cfg` names, print the table and write `<output_dir>/metrics.json`."""
     if (cfg.ckpt_path is None) == (cfg.pred_dir is None):
@@ -186,29 +149,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result = evaluate_predictions(cfg.pred_dir, cfg.gt_root, cfg.split)
         title = f"{Path(cfg.pred_dir).name}: Cityscapes {cfg.split}"
     else:
+        inference: Inference = instantiate(cfg.inference)
         # The data first: a wrong gt_root should fail before a large checkpoint is read.
         dataset = CityscapesDataset(
-            cfg.gt_root,
-            split=cfg.split,
-            transform=test_transform(tuple(cfg.test_resize)),
-            label=True,
+            cfg.gt_root, split=cfg.split, transform=test_transform(inference.resize), label=True
         )
         device = resolve_device(cfg.device)
         segmentor, _, _ = load_segmentor(cfg.ckpt_path, cfg.model, device)
-        result = evaluate(
-            segmentor,
-            dataset,
-            device,
-            mode=cfg.mode,
-            crop_size=tuple(cfg.crop_size),
-            stride=tuple(cfg.stride),
-            num_workers=cfg.num_workers,
-        )
+        result = evaluate(segmentor, dataset, inference, device, num_workers=cfg.num_workers)
         title = f"{Path(cfg.ckpt_path).name}: Cityscapes {cfg.split}"
     Console().print(iou_table(result, title=title))
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(_finite(result), indent=2) + "\n")
+    atomic_write_json(out / "metrics.json", _finite(result))
     log.info(
         f"mIoU {result['mIoU']:.2f} over {result['num_images']} images of {cfg.gt_root} "
         f"({cfg.split}) -> {out / 'metrics.json'}"
@@ -241,14 +193,10 @@ def _label_files(gt_root: Path, split: str) -> dict[str, Path]:
     return {frame_stem(p.name, GT_SUFFIX): p for p in files}
 
 
-@hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+@hydra.main(config_path=CONF_PATH, config_name="eval", version_base="1.3")
+@cli
 def main(cfg: DictConfig) -> float:
-    try:
-        result = run(cfg)
-    except (EvalInputError, CheckpointError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    return result["mIoU"]
+    return run(cfg)["mIoU"]
 
 
 if __name__ == "__main__":

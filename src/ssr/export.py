@@ -1,4 +1,4 @@
-"""Shadow-branch export: `python -m ssr.export ckpt_path=... out=...` (issue 4, ALGORITHM.md §3.3).
+"""Shadow-branch export: `python -m ssr.export ckpt_path=... out=...` (docs/method.md §3.3).
 
 SSR's SAM encoder and fusion layers, the EMA teacher and the ImageNet FD copy only shape training;
 inference uses the student alone. This writes that student as a self-describing `ssr-segmentor`
@@ -8,18 +8,16 @@ file (weights + model config), which `ssr.eval` and `ssr.predict` load without `
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.table import Table
 
-from ssr import CONF_DIR
-from ssr.eval import load_segmentor
-from ssr.model.checkpoint import CheckpointError, export_segmentor
+from ssr import CONF_PATH
+from ssr.model.checkpoint import export_segmentor, load_segmentor
+from ssr.run.cli import cli
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +37,10 @@ def export(ckpt_path: str | Path, out: str | Path, model_cfg: DictConfig | dict)
     }
 
 
-@hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
+@hydra.main(config_path=CONF_PATH, config_name="export", version_base="1.3")
+@cli
 def main(cfg: DictConfig) -> None:
-    try:
-        stats = export(cfg.ckpt_path, cfg.out, cfg.model)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except MissingMandatoryValue as err:
-        print(f"error: {err.full_key} is required: pass {err.full_key}=...", file=sys.stderr)
-        sys.exit(2)
+    stats = export(cfg.ckpt_path, cfg.out, cfg.model)
     table = Table(title="ssr.export: student (shadow branch)", show_header=False, min_width=40)
     table.add_row("source", str(cfg.ckpt_path))
     table.add_row("written", str(cfg.out))

@@ -1,6 +1,6 @@
 """Dataset-level semantic segmentation metric: per-class IoU, mIoU and pixel accuracy.
 
-ALGORITHM.md §3.2 and §8.4: intersection and union are accumulated over the whole split at full
+docs/method.md §3.2 and §8.4: intersection and union are accumulated over the whole split at full
 resolution (not averaged per image), ground-truth 255 is ignored, and mIoU is the mean over the
 classes whose union is non-empty (mmseg's nan-mean, the official Cityscapes evaluator's rule).
 """

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the warm-up + poly learning-rate factor; ALGORITHM.md §4.10.
+"""AdamW parameter groups and the warm-up + poly learning-rate factor; docs/method.md §4.10.
 
 Reproduces mmcv's `DefaultOptimizerConstructor` custom keys by substring of the full parameter name
 (decode head lr ×10, `norm` without weight decay) and mmcv's `poly` policy with linear warm-up.

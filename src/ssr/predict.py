@@ -1,16 +1,15 @@
 """Prediction entry point: `python -m ssr.predict ckpt_path=... input=... output_dir=...`.
 
-Segments an image, a folder of images or a video with the student (shadow branch, ALGORITHM.md §3.3)
-under the Cityscapes test protocol of §3.2: keep-ratio resize to 1024x512, whole-image inference,
-logits resized back to the original size. Per image it writes `<stem>_trainIds.png` (uint8 train
-ids, scoreable with `ssr.eval pred_dir=...`), `<stem>_color.png` and `<stem>_overlay.png`; a video
-gives `<stem>_overlay.mp4`.
+Segments an image, a folder of images or a video with the student (shadow branch, docs/method.md
+§3.3) under the test protocol of the `inference` group (§3.2: keep-ratio resize to 1024x512,
+whole-image inference, logits resized back to the original size). Per image it writes
+`<stem>_trainIds.png` (uint8 train ids, scoreable with `ssr.eval pred_dir=...`), `<stem>_color.png`
+and `<stem>_overlay.png`; a video gives `<stem>_overlay.mp4`.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,22 @@ import cv2
 import hydra
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 from rich.console import Console
 from rich.progress import track
+from torch import nn
 
-from ssr import CONF_DIR
-from ssr.data.datasets import DatasetError, read_image
+from ssr import CONF_PATH
+from ssr.data.datasets import read_image
 from ssr.data.labels import colorize
 from ssr.data.transforms import test_transform
-from ssr.eval import load_segmentor, resolve_device
-from ssr.model.checkpoint import CheckpointError
-from ssr.model.segmentor import Segmentor
+from ssr.errors import UserError
+from ssr.io import atomic_write
+from ssr.model.checkpoint import load_segmentor
+from ssr.model.inference import Inference
+from ssr.run.cli import cli, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -41,36 +43,26 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 OUTPUT_SUFFIXES = ("_trainIds.png", "_color.png", "_overlay.png")
 
 
-class PredictInputError(ValueError):
+class PredictInputError(UserError, ValueError):
     """The `input` cannot be segmented (missing, empty folder, unknown type, unreadable video)."""
 
 
 class Predictor:
-    """A loaded segmentor plus the §3.2 test pipeline: RGB uint8 in, train ids at input size out."""
+    """A loaded segmentor plus the test protocol: RGB uint8 in, train ids at input size out."""
 
     def __init__(
-        self,
-        segmentor: Segmentor,
-        device: torch.device | str = "cpu",
-        test_resize: tuple[int, int] | None = (1024, 512),
-        mode: str = "whole",
-        crop_size: tuple[int, int] = (512, 512),
-        stride: tuple[int, int] = (341, 341),
+        self, segmentor: nn.Module, inference: Inference, device: torch.device | str = "cpu"
     ) -> None:
         self.segmentor = segmentor.to(device).eval()
+        self.inference = inference
         self.device = torch.device(device)
-        self.transform = test_transform(test_resize)
-        self.inference_kwargs: dict[str, Any] = {
-            "mode": mode,
-            "crop_size": crop_size,
-            "stride": stride,
-        }
+        self.transform = test_transform(inference.resize)
 
     @torch.inference_mode()
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (H, W) uint8 train ids."""
         img = self.transform(image=rgb)["image"].float().unsqueeze(0).to(self.device)
-        logits = self.segmentor.inference(img, out_size=rgb.shape[:2], **self.inference_kwargs)
+        logits = self.inference.logits(self.segmentor, img, out_size=rgb.shape[:2])
         return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
 
 
@@ -95,7 +87,8 @@ def predict_images(
             out_dir / f"{stem}_overlay.png": overlay(rgb, train_ids, alpha),
         }
         for path, array in outputs.items():
-            Image.fromarray(array).save(path)
+            image = Image.fromarray(array)
+            atomic_write(path, lambda f, im=image: im.save(f, format="PNG"), durable=False)
         written += list(outputs)
     return written
 
@@ -166,14 +159,7 @@ def run(cfg: DictConfig) -> list[Path]:
     inputs = [] if is_video else collect_images(input_path, output_dir)
     device = resolve_device(cfg.device)
     segmentor, _, _ = load_segmentor(cfg.ckpt_path, cfg.model, device)
-    predictor = Predictor(
-        segmentor,
-        device,
-        test_resize=tuple(cfg.test_resize) if cfg.test_resize is not None else None,
-        mode=cfg.mode,
-        crop_size=tuple(cfg.crop_size),
-        stride=tuple(cfg.stride),
-    )
+    predictor = Predictor(segmentor, instantiate(cfg.inference), device)
     if is_video:
         written = [predict_video(predictor, input_path, output_dir, cfg.overlay_alpha)]
     else:
@@ -195,16 +181,10 @@ def _progress(items: Any, description: str, total: int | None) -> Iterator[Any]:
     return iter(track(items, description=description, total=total, console=Console(stderr=True)))
 
 
-@hydra.main(config_path=CONF_DIR, config_name="predict", version_base="1.3")
+@hydra.main(config_path=CONF_PATH, config_name="predict", version_base="1.3")
+@cli
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (PredictInputError, CheckpointError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except MissingMandatoryValue as err:
-        print(f"error: {err.full_key} is required: pass {err.full_key}=...", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)
 
 
 if __name__ == "__main__":

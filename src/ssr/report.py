@@ -1,7 +1,7 @@
-"""Aggregate a seed sweep: mean ± std of mIoU and per-class IoU, as the papers report (issue 5).
+"""Aggregate a seed sweep: mean ± std of mIoU and per-class IoU, as the papers report.
 
 `python -m ssr.report <sweep_dir> [--out DIR] [--ignore KEY ...]` reads every run's `metrics.json`
-(written by `ssr.train`: the final student on the target val split, ALGORITHM.md §8.4) under
+(written by `ssr.train`: the final student on the target val split, docs/method.md §8.4) under
 `sweep_dir`, groups the runs by their Hydra overrides (`.hydra/overrides.yaml`) except the seed,
 prints a table and writes `report.md` and `report.csv`. The std is the sample std (n − 1).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import re
@@ -25,11 +26,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ssr.data.labels import CLASSES
+from ssr.errors import UserError
+from ssr.io import atomic_write_text
+from ssr.run.cli import cli
 
 METRICS_FILE = "metrics.json"
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """A sweep directory without readable `metrics.json` files."""
 
 
@@ -182,21 +186,18 @@ def write_csv(groups: Sequence[Group], path: Path) -> None:
     metrics = ("mIoU", "aAcc", *CLASSES)
     head = ["group", "n_runs", "seeds", "num_images", "runs"]
     head += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(head)
-        for g in groups:
-            images = sorted({str(r.num_images) for r in g.runs})
-            row: list[Any] = [g.label, len(g.runs), g.seeds, ";".join(images)]
-            row.append(";".join(r.path for r in g.runs))
-            for m in metrics:
-                mean, std, n = g.stat(m)
-                row += [
-                    "" if mean is None else f"{mean:.4f}",
-                    "" if std is None else f"{std:.4f}",
-                    n,
-                ]
-            writer.writerow(row)
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(head)
+    for g in groups:
+        images = sorted({str(r.num_images) for r in g.runs})
+        row: list[Any] = [g.label, len(g.runs), g.seeds, ";".join(images)]
+        row.append(";".join(r.path for r in g.runs))
+        for m in metrics:
+            mean, std, n = g.stat(m)
+            row += ["" if mean is None else f"{mean:.4f}", "" if std is None else f"{std:.4f}", n]
+        writer.writerow(row)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def rich_table(groups: Sequence[Group], title: str) -> Table:
@@ -214,6 +215,7 @@ def rich_table(groups: Sequence[Group], title: str) -> Table:
     return table
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ssr.report", description=__doc__.split("\n")[0]
@@ -228,14 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="more override keys that do not split groups (seed never does)",
     )
     args = parser.parse_args(argv)
-    try:
-        groups = collect(args.sweep_dir, ignore=["seed", *args.ignore])
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    groups = collect(args.sweep_dir, ignore=["seed", *args.ignore])
     out = args.out or args.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown(groups))
+    atomic_write_text(out / "report.md", markdown(groups))
     write_csv(groups, out / "report.csv")
     n = sum(len(g.runs) for g in groups)
     Console().print(rich_table(groups, f"{args.sweep_dir}: {n} runs, {len(groups)} groups"))

@@ -1,6 +1,6 @@
 """The UDA LightningDataModule: GTA5 source crops (RCS or uniform) + Cityscapes target crops.
 
-ALGORITHM.md §4.1/§4.2/§10 item 6. Training is iteration-based: the train loader never ends
+docs/method.md §4.1, §4.2. Training is iteration-based: the train loader never ends
 (Lightning's ``max_steps`` stops it). Training sample ``i`` is a pure function of (seed, i): the
 source draw (RCS class and file, or a uniform file), the independent uniform target draw and the
 augmentation seeds all come from ``np.random.default_rng([seed, i])``. Batches therefore do not
@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,16 +43,23 @@ def _seed_transform(transform: Any, seed: int) -> None:
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
-class _CropRecorder:
-    """Runs a training pipeline and keeps where its last call cropped and flipped.
+class CropRecord(NamedTuple):
+    """Where a training crop comes from: its image and its box in the resized image.
 
-    For the SAM feature cache (issue 4): cached features are cut from full-image maps at the crop
-    box in the resized image. ``crop`` = (resized height, resized width, top, left, flip).
+    Batched, ``file`` is a list and ``box`` a (B, 5) tensor. SSR's SAM feature cache cuts each
+    crop's features out of full-image maps with it.
     """
+
+    file: str  # the image path relative to its dataset root
+    box: torch.Tensor  # (5,) int64: resized height, resized width, top, left, flip (0/1)
+
+
+class _CropRecorder:
+    """Runs a training pipeline and keeps where its last call cropped and flipped."""
 
     def __init__(self, transform: Any):
         transform.save_applied_params = True  # albumentations records each call's parameters
-        self.transform, self.crop = transform, torch.zeros(5, dtype=torch.int64)
+        self.transform, self.box = transform, torch.zeros(5, dtype=torch.int64)
 
     def __call__(self, **data: Any) -> dict[str, Any]:
         out = self.transform(**data)
@@ -60,17 +67,16 @@ class _CropRecorder:
         crop = applied["CatMaxRandomCrop"]
         (height, width), (top, _, left, _) = crop["shape"][:2], crop["crop_box"]
         flip = int("HorizontalFlip" in applied)
-        self.crop = torch.tensor([height, width, top, left, flip], dtype=torch.int64)
+        self.box = torch.tensor([height, width, top, left, flip], dtype=torch.int64)
         return out
 
 
 class UDATrainDataset(Dataset):
-    """Training pairs of §4.1: {src_img, src_lbl[, tgt_img], index}, a pure function of (seed, i).
+    """Training pairs of §4.1: {src_img, src_lbl, src_crop[, tgt_img, tgt_crop], index}, a pure
+    function of (seed, i); the crops are `CropRecord`s.
 
     With RCS the source crop is re-drawn (new crop and flip, same file) up to ``max_rcs_tries``
     times until it keeps enough pixels of the drawn class; the next draw is accepted unchecked.
-    With ``crop_info`` items also carry ``src_file``/``tgt_file`` (path inside the dataset root)
-    and ``src_crop``/``tgt_crop`` (see ``_CropRecorder``), for cached SAM features.
     """
 
     def __init__(
@@ -84,7 +90,6 @@ class UDATrainDataset(Dataset):
         self.source, self.target, self.rcs = source, target, rcs
         self.seed = seed
         self.max_rcs_tries = max_rcs_tries
-        self.crop_info = False
 
     def __len__(self) -> int:
         # Nominal size, as the reference's |source|·|target|; the sampler ignores it.
@@ -106,7 +111,7 @@ class UDATrainDataset(Dataset):
         src_index, class_id, tgt_index, src_seed, tgt_seed = self.draw(index)
         image, label = self.source.read(src_index)
         _seed_transform(self.source.transform, src_seed)
-        src_tf = _CropRecorder(self.source.transform) if self.crop_info else None
+        src_tf = _CropRecorder(self.source.transform)
         for attempt in range(self.max_rcs_tries + 1):
             src = self.source.make_item(src_index, image, label, src_tf)
             if class_id is None or attempt == self.max_rcs_tries:
@@ -114,16 +119,18 @@ class UDATrainDataset(Dataset):
             assert self.rcs is not None
             if self.rcs.accepts(src["label"], class_id):
                 break
-        out = {"src_img": src["img"], "src_lbl": src["label"], "index": torch.tensor(index)}
-        if src_tf is not None:
-            out |= {"src_file": _relative(self.source, src_index), "src_crop": src_tf.crop}
+        out = {
+            "src_img": src["img"],
+            "src_lbl": src["label"],
+            "src_crop": CropRecord(_relative(self.source, src_index), src_tf.box),
+            "index": torch.tensor(index),
+        }
         if self.target is not None and tgt_index is not None:
             _seed_transform(self.target.transform, tgt_seed)
             tgt_image, _ = self.target.read(tgt_index)
-            tgt_tf = _CropRecorder(self.target.transform) if self.crop_info else None
+            tgt_tf = _CropRecorder(self.target.transform)
             out["tgt_img"] = self.target.make_item(tgt_index, tgt_image, None, tgt_tf)["img"]
-            if tgt_tf is not None:
-                out |= {"tgt_file": _relative(self.target, tgt_index), "tgt_crop": tgt_tf.crop}
+            out["tgt_crop"] = CropRecord(_relative(self.target, tgt_index), tgt_tf.box)
         return out
 
 
@@ -165,7 +172,8 @@ class UDADataModule(LightningDataModule):
 
     Train batch: ``src_img`` (B, 3, h, w) normalised, ``src_lbl`` (B, h, w) int64 (255 = ignore),
     ``tgt_img`` (B, 3, h, w) (absent with ``with_target=False``, for source-only runs),
-    ``index`` (B,) int64 sample indices (what makes resuming exact).
+    ``src_crop`` / ``tgt_crop`` (`CropRecord`s), ``index`` (B,) int64 sample indices (what makes
+    resuming exact).
     Val/test batch (batch size 1): ``img`` (1, 3, h', w') at test scale, ``label`` (1, H, W)
     int64 at full resolution, ``path``, ``ori_size``.
 
@@ -180,8 +188,6 @@ class UDADataModule(LightningDataModule):
         with_target: also load target training crops (False: source-only baseline).
         align_label_to_image: deviation from the reference, see ``GTA5Dataset``.
         seed: seed of the training sample stream; None = ``torch.initial_seed()`` at setup.
-        crop_info: add each crop's file and box to training batches (``UDATrainDataset``); set
-            by ``UDAModule.setup`` when SAM features come from a cache.
     """
 
     def __init__(
@@ -200,7 +206,6 @@ class UDADataModule(LightningDataModule):
         with_target: bool = True,
         align_label_to_image: bool = False,
         seed: int | None = None,
-        crop_info: bool = False,
     ):
         super().__init__()
         self.source_root, self.target_root = str(source_root), str(target_root)
@@ -214,7 +219,6 @@ class UDADataModule(LightningDataModule):
         self.val_split, self.with_target = val_split, with_target
         self.align_label_to_image = align_label_to_image
         self.seed = seed
-        self.crop_info = crop_info
         self.next_index = 0
         self.rcs_sampler: RareClassSampler | None = None
         self.train_set: UDATrainDataset | None = None
@@ -290,7 +294,6 @@ class UDADataModule(LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         assert self.train_set is not None
-        self.train_set.crop_info = self.crop_info
         self._train_sampler = InfiniteIndexSampler(self._sync_next_index(), *self._replica())
         return self._loader(
             self.train_set, self.batch_size, sampler=self._train_sampler, drop_last=True

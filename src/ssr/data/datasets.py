@@ -1,4 +1,4 @@
-"""GTA5 and Cityscapes datasets in their converted on-disk layouts (ALGORITHM.md §7.3-§7.5).
+"""GTA5 and Cityscapes datasets in their converted on-disk layouts (docs/method.md §7.3-§7.5).
 
 Images are read with OpenCV (BGR -> RGB uint8), labels with Pillow unchanged (train ids, 255 =
 ignore), as in mmseg (§4.1 step 1). File lists are sorted, so indices are stable across machines.
@@ -19,13 +19,14 @@ from torch.utils.data import Dataset
 
 from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr.data.transforms import test_transform
+from ssr.errors import UserError
 
 Transform = Callable[..., dict[str, Any]]
 
 PREPARE_HINT = "python -m ssr.data.prepare {dataset} {root}"
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset folder or file that cannot be used; the message names the path and the fix."""
 
 

@@ -1,4 +1,4 @@
-"""The 19 Cityscapes evaluation classes, their ids, palette and thing subset (ALGORITHM.md §7.1).
+"""The 19 Cityscapes evaluation classes, their ids, palette and thing subset (docs/method.md §7.1).
 
 Everything that names a class or maps a label id reads it from here.
 """

@@ -3,7 +3,7 @@
     python -m ssr.data.prepare gta5 ROOT [--nproc N]
     python -m ssr.data.prepare cityscapes ROOT [--nproc N]
 
-GTA5 (ALGORITHM.md §7.2): every ``ROOT/labels/*<digit>.png`` (a palette PNG whose index is the
+GTA5 (docs/method.md §7.2): every ``ROOT/labels/*<digit>.png`` (a palette PNG whose index is the
 Cityscapes label id; decoded by index, never by colour) becomes ``*_labelTrainIds.png`` next to it,
 and the per-file class pixel counts at full resolution go to ``sample_class_stats.json``,
 ``sample_class_stats_dict.json`` and ``samples_with_class.json`` in ROOT (§4.2).
@@ -12,13 +12,12 @@ Cityscapes (§7.4): every ``gtFine/*/*/*_gtFine_labelIds.png`` of all splits bec
 mapping the shipped labelIds gives the same classes up to rasterisation differences.
 
 Re-running is safe: finished outputs are kept (only read back for the statistics) and every file
-is written to a temporary name first and moved into place with ``os.replace``.
+is written to a temporary name first and moved into place (``ssr.io.atomic_write``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -32,13 +31,16 @@ from PIL import Image, UnidentifiedImageError
 from rich.progress import track
 
 from ssr.data.labels import NUM_CLASSES, label_ids_to_train_ids
+from ssr.errors import UserError
+from ssr.io import atomic_write, atomic_write_json
+from ssr.run.cli import cli
 
 GTA_LABEL_PATTERN = re.compile(r"\d\.png$")  # skips already converted *_labelTrainIds.png
 GTA_SUFFIX = "_labelTrainIds.png"
 CS_IN_SUFFIX, CS_OUT_SUFFIX = "_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """An input that cannot be converted; the message names the file and the fix."""
 
 
@@ -61,17 +63,9 @@ def _read_label_ids(path: Path) -> np.ndarray:
 
 
 def _write_png_atomic(array: np.ndarray, path: Path) -> None:
-    # A temporary name that no dataset glob matches, then an atomic rename: an interrupted run
-    # never leaves a half-written label behind.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array.astype(np.uint8, copy=False)).save(tmp, format="PNG")  # mode L
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """An 8-bit (mode L) PNG; an interrupted run never leaves a half-written label behind."""
+    image = Image.fromarray(array.astype(np.uint8, copy=False))
+    atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)
 
 
 def convert_label(src: Path, dst: Path) -> np.ndarray:
@@ -142,9 +136,9 @@ def prepare_gta5(root: Path, nproc: int) -> int:
     results = _run(_gta_job, tasks, nproc, f"GTA5 labels ({len(tasks)})")
     per_file = [(str(Path(dst).relative_to(root)), counts) for dst, counts in results]
     stats, stats_dict, with_class = rcs_statistics(per_file)
-    _write_json_atomic(stats, root / "sample_class_stats.json")
-    _write_json_atomic(stats_dict, root / "sample_class_stats_dict.json")
-    _write_json_atomic(with_class, root / "samples_with_class.json")
+    atomic_write_json(root / "sample_class_stats.json", stats)
+    atomic_write_json(root / "sample_class_stats_dict.json", stats_dict)
+    atomic_write_json(root / "samples_with_class.json", with_class)
     return len(tasks)
 
 
@@ -162,6 +156,7 @@ def prepare_cityscapes(root: Path, nproc: int) -> int:
     return len(tasks)
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ssr.data.prepare",
@@ -174,14 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     root: Path = args.root
+    if not root.is_dir():
+        raise PrepareError(f"dataset root {root} does not exist; pass the folder you extracted")
+    prepare = prepare_gta5 if args.dataset == "gta5" else prepare_cityscapes
     try:
-        if not root.is_dir():
-            raise PrepareError(f"dataset root {root} does not exist; pass the folder you extracted")
-        prepare = prepare_gta5 if args.dataset == "gta5" else prepare_cityscapes
         count = prepare(root, args.nproc)
-    except (PrepareError, OSError) as err:  # OSError: e.g. a read-only dataset folder
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:  # e.g. a read-only dataset folder
+        where = err.filename or root
+        raise PrepareError(f"cannot write to {where}: {err.strerror or err}") from err
     print(f"{args.dataset}: {count} label files ready in {root}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Rare Class Sampling of DAFormer (Hoyer et al. 2022), ALGORITHM.md §4.2.
+"""Rare Class Sampling of DAFormer (Hoyer et al. 2022), docs/method.md §4.2.
 
 Source samples are drawn class-first: c ~ softmax((1 - f_c) / T) over the classes sorted by pixel
 frequency f_c (T = 0.01 peaks it on the rarest classes), then a file uniformly among those with

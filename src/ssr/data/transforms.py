@@ -1,6 +1,6 @@
 """Paired image/label pipelines of the DAFormer/MIC data flow, built on albumentations.
 
-Training (ALGORITHM.md §4.1): keep-ratio resize with mmcv's rounding -> random crop with
+Training (docs/method.md §4.1): keep-ratio resize with mmcv's rounding -> random crop with
 ``cat_max_ratio`` -> horizontal flip 0.5 -> normalise -> pad (image 0 after normalisation,
 label 255) -> tensors. Test (§3.2): keep-ratio resize of the image only -> normalise -> tensors;
 the label stays at full resolution because the metric is computed there.

@@ -1,4 +1,4 @@
-"""Load and export segmentor weights in every format ssr meets; ALGORITHM.md §1.8 and §9.
+"""Load and export segmentor weights in every format ssr meets; docs/method.md §1.8 and §9.
 
 Formats, detected from the file's content:
 
@@ -17,16 +17,20 @@ the missing / unexpected / mis-shaped keys, never a silent partial load.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from ssr.data.labels import CLASSES
+from ssr.io import CheckpointError, atomic_torch_save, first_items, load_strict, load_torch_file
 
 EXPORT_FORMAT = "ssr-segmentor"
 EXPORT_VERSION = 1
@@ -37,11 +41,18 @@ _PREFIXES: dict[str, tuple[str, str | None]] = {
     "lightning": ("model.", "teacher.model."),
     "export": ("", None),
 }
-_SHOW = 5  # how many key names an error message lists
+_FIT_HINT = "does the model config match the checkpoint, e.g. model=daformer_mitb5?"
 
+log = logging.getLogger(__name__)
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, of an unknown layout, or does not fit the model."""
+__all__ = [
+    "CheckpointError",
+    "export_segmentor",
+    "load_backbone_weights",
+    "load_segmentor",
+    "load_segmentor_weights",
+    "read_model_config",
+]
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
@@ -55,8 +66,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
             "(README, 'Weights'), or pass model.backbone.pretrained=<file> (null = random init)"
         )
     ckpt = _read(path)
-    state = _inner_state_dict(ckpt)
-    state = {_strip_module(k): v for k, v in state.items()}
+    state = {_strip_module(k): v for k, v in _inner_state_dict(ckpt).items()}
     fmt = _guess_format(ckpt, state)
     if fmt not in (None, "imagenet"):
         raise CheckpointError(
@@ -64,7 +74,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
             "file; load it with ckpt_path=... instead of model.backbone.pretrained=..."
         )
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    _load_strict(backbone, state, path, "ImageNet backbone")
+    load_strict(backbone, state, path, "ImageNet backbone", _FIT_HINT)
 
 
 def load_segmentor_weights(
@@ -81,7 +91,7 @@ def load_segmentor_weights(
     fmt = _guess_format(ckpt, state)
     if fmt is None:
         raise CheckpointError(
-            f"{path}: unrecognised checkpoint layout (first keys {_first(list(state))}); "
+            f"{path}: unrecognised checkpoint layout (first keys {first_items(list(state))}); "
             "expected an mmseg work-dir, Lightning or ssr export checkpoint"
         )
     if fmt == "imagenet":
@@ -102,9 +112,9 @@ def load_segmentor_weights(
     if not selected:
         raise CheckpointError(
             f"{path}: no keys start with {prefix!r}, so it holds no {which} "
-            f"(a stripped / published checkpoint?); first keys {_first(list(state))}"
+            f"(a stripped / published checkpoint?); first keys {first_items(list(state))}"
         )
-    _load_strict(segmentor, selected, path, f"{which} of a {fmt} checkpoint")
+    load_strict(segmentor, selected, path, f"{which} of a {fmt} checkpoint", _FIT_HINT)
     return fmt
 
 
@@ -136,34 +146,41 @@ def export_segmentor(
         "classes": list(CLASSES),
         "meta": meta,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_torch_save(payload, path)
+
+
+def load_segmentor(
+    ckpt_path: str | Path, model_cfg: DictConfig | dict, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict, str]:
+    """Build the student from any checkpoint format: (segmentor in eval mode, config, format).
+
+    Our Lightning and export checkpoints carry their model config; an official work-dir checkpoint
+    does not, so `model_cfg` (the `model=` group) describes it. ImageNet weights are never loaded:
+    the checkpoint overwrites every parameter (as the official test script sets `pretrained=None`).
+    """
+    config = read_model_config(ckpt_path)
+    if config is None:
+        config = (
+            OmegaConf.to_container(model_cfg, resolve=True)
+            if isinstance(model_cfg, DictConfig)
+            else model_cfg
+        )
+        variant = (config.get("backbone") or {}).get("variant")
+        log.info(f"{ckpt_path} stores no model config; building the model= config (MiT {variant})")
+    config = json.loads(json.dumps(config))  # a private deep copy
+    if isinstance(config.get("backbone"), dict) and "pretrained" in config["backbone"]:
+        config["backbone"]["pretrained"] = None
+    segmentor = instantiate(config)
+    fmt = load_segmentor_weights(segmentor, ckpt_path, which="student")
+    log.info(f"Loaded the student from {ckpt_path} ({fmt} format)")
+    return segmentor.to(device).eval(), config, fmt
 
 
 def _read(path: str | os.PathLike) -> dict:
-    """torch.load with weights_only=True, turning every failure into one CheckpointError line."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found; check the path you passed")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError...
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused:
-            raise CheckpointError(
-                f"{path}: holds a {refused.group(1)} object, which safe loading "
-                "(weights_only=True) refuses; re-save it with only tensors and plain containers"
-            ) from e
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+    """The checkpoint as a dict (safe `weights_only` load; one `CheckpointError` on failure)."""
+    ckpt = load_torch_file(
+        path, hint="expected an mmseg work-dir, Lightning or ssr export checkpoint"
+    )
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(ckpt).__name__}")
     return ckpt
@@ -213,39 +230,6 @@ def _check_classes(ckpt: dict, path: str | os.PathLike) -> None:
         f"{path}: declares class {i} as {declared[i]!r}, but ssr's train id {i} is "
         f"{CLASSES[i]!r}; the checkpoint uses another class order"
     )
-
-
-def _load_strict(module: nn.Module, state: Mapping[str, Any], path: Any, what: str) -> None:
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    not_tensor = [k for k in expected if k in state and not isinstance(state[k], Tensor)]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and isinstance(state[k], Tensor) and state[k].shape != expected[k].shape
-    ]
-    problems = [
-        f"{len(keys)} {label} {_first(keys)}"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("non-tensor values", not_tensor),
-            ("shape mismatches", mismatched),
-        )
-        if keys
-    ]
-    if problems:
-        raise CheckpointError(
-            f"{path}: {what} does not fit the model: {'; '.join(problems)} "
-            "(does the model config match the checkpoint, e.g. model=daformer_mitb5?)"
-        )
-    module.load_state_dict(dict(state), strict=True)
-
-
-def _first(items: list) -> str:
-    shown = ", ".join(str(x) for x in items[:_SHOW])
-    return f"[{shown}{', ...' if len(items) > _SHOW else ''}]"
 
 
 def _require_plain(obj: Any, where: str) -> None:

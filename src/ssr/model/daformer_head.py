@@ -1,4 +1,4 @@
-"""DAFormer decode head: per-stage linear embedding + separable-ASPP fusion; ALGORITHM.md §2.
+"""DAFormer decode head: per-stage linear embedding + separable-ASPP fusion; docs/method.md §2.
 
 DAFormer (Hoyer et al. 2022), "sepaspp" configuration. Module names reproduce mmcv's key layout
 (`conv`/`bn` inside a conv unit, `depthwise_conv`/`pointwise_conv` in a separable unit, §2.5) so

@@ -1,4 +1,4 @@
-"""Mix Transformer (MiT) encoder of SegFormer (Xie et al. 2021) in DAFormer; ALGORITHM.md §1.
+"""Mix Transformer (MiT) encoder of SegFormer (Xie et al. 2021) in DAFormer; docs/method.md §1.
 
 Module names follow the upstream state-dict layout (`patch_embed{i}`, `block{i}.{j}`, `norm{i}`)
 so that SegFormer's ImageNet files `mit_b*.pth` load key for key (§1.8).

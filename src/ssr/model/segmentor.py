@@ -1,29 +1,69 @@
-"""Encoder-decoder segmentor and its whole-image / sliding-window inference; ALGORITHM.md §3.
+"""Encoder-decoder segmentor and the interface the UDA loop trains it through; docs/method.md §3.
 
 This is the only network that ships: training-only machinery (teacher, SAM regulariser, feature
 distance) lives on the UDA module, so `Segmentor.state_dict()` holds only `backbone.*` and
 `decode_head.*`.
+
+The UDA loop never calls the backbone or the head directly. A training forward is
+`views = train_views(x)`, `feats = [features(v.image) for v in views]`,
+`predictions = decode_train(feats, views)`: each view is one image the backbone sees and the part of
+the crop it shows, each prediction one supervised output with its loss weight and label region.
+For this segmentor that is one view (the crop) and one prediction. A multi-resolution segmentor
+(HRDA: a downscaled context view and a full-resolution detail crop, fused by a scale-attention
+head) returns two views and two predictions (fused 0.9, detail 0.1) through the same methods, so
+the teacher, FD, MIC and SSR work with either. `forward(x)` returns logits at the size of `x`: the
+teacher's pseudo-label pass and the window model of `ssr.model.inference.Inference`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+Box = tuple[int, int, int, int]  # (y1, y2, x1, x2) in pixels of the training crop
 
-def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+
+def resize(x: Tensor, size: Sequence[int]) -> Tensor:
     """Bilinear resize with align_corners=False (mmseg's convention everywhere in §2-§3)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class View(NamedTuple):
+    """One image the backbone sees in a training forward, and the region of the crop it shows."""
+
+    image: Tensor  # (B, 3, h, w) normalised
+    box: Box | None = None  # None: the whole crop
+
+
+class Prediction(NamedTuple):
+    """One supervised output of a training forward: logits, their loss weight, their region."""
+
+    logits: Tensor  # (B, K, h', w'), resized to the label region by the loss
+    weight: float = 1.0
+    box: Box | None = None  # the label region it predicts; None: the whole crop
 
 
 class Segmentor(nn.Module):
-    """Backbone + decode head. Input images are mmseg-normalised (B, 3, H, W) tensors."""
+    """Backbone + decode head. Input images are mmseg-normalised (B, 3, H, W) tensors.
 
-    def __init__(self, backbone: nn.Module, decode_head: nn.Module) -> None:
+    Args:
+        backbone: a MiT (anything with `embed_dims` returning one map per stage).
+        decode_head: the head, or a callable that builds it from `in_channels` (the backbone's
+            `embed_dims`; a Hydra `_partial_` node), so the channels are never restated.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, decode_head: nn.Module | Callable[..., nn.Module]
+    ) -> None:
         super().__init__()
         self.backbone = backbone
+        if not isinstance(decode_head, nn.Module):
+            decode_head = decode_head(in_channels=list(backbone.embed_dims))
         self.decode_head = decode_head
         self.num_classes: int = decode_head.num_classes
 
@@ -39,49 +79,12 @@ class Segmentor(nn.Module):
         """Logits resized to the input size (mmseg's `encode_decode`): (B, K, H, W)."""
         return resize(self.decode(self.features(x)), x.shape[-2:])
 
-    def inference(
-        self,
-        img: Tensor,
-        mode: str = "whole",
-        crop_size: tuple[int, int] = (512, 512),
-        stride: tuple[int, int] = (341, 341),
-        out_size: tuple[int, int] | None = None,
-    ) -> Tensor:
-        """Test-time logits (B, K, *out_size) (§3.2); softmax/argmax is left to the caller.
+    def train_views(self, x: Tensor) -> list[View]:
+        """The images of one training forward: here the crop itself."""
+        return [View(x)]
 
-        The logits are first resized to the input size and only then to `out_size` (the original
-        image size): the paper's protocol upsamples in two steps, not directly from stride 4.
-        `crop_size` and `stride` are (height, width) and only used by `mode="slide"`.
-        Gradient mode is the caller's choice (wrap in `torch.inference_mode()` for evaluation).
-        """
-        if mode == "whole":
-            logits = self(img)
-        elif mode == "slide":
-            logits = self._slide(img, crop_size, stride)
-        else:
-            raise ValueError(f"unknown inference mode {mode!r}; use 'whole' or 'slide'")
-        return logits if out_size is None else resize(logits, tuple(out_size))
-
-    def _slide(self, img: Tensor, crop_size: tuple[int, int], stride: tuple[int, int]) -> Tensor:
-        """Average the logits of overlapping windows; the last window in each direction is moved
-        back so that it ends at the image border (every pixel is covered at least once)."""
-        if min(*crop_size, *stride) <= 0:
-            raise ValueError(f"crop_size {crop_size} and stride {stride} must be positive")
-        b, _, h, w = img.shape
-        logits = img.new_zeros((b, self.num_classes, h, w))
-        count = img.new_zeros((1, 1, h, w))
-        for y0, y1 in _window_starts(h, crop_size[0], stride[0]):
-            for x0, x1 in _window_starts(w, crop_size[1], stride[1]):
-                logits[:, :, y0:y1, x0:x1] += self(img[:, :, y0:y1, x0:x1])
-                count[:, :, y0:y1, x0:x1] += 1
-        return logits / count
-
-
-def _window_starts(length: int, crop: int, stride: int) -> list[tuple[int, int]]:
-    """(start, end) of each window along one axis; a crop larger than the image is clipped."""
-    n = max(length - crop + stride - 1, 0) // stride + 1
-    spans = []
-    for i in range(n):
-        end = min(i * stride + crop, length)
-        spans.append((max(end - crop, 0), end))
-    return spans
+    def decode_train(
+        self, feats: Sequence[list[Tensor]], views: Sequence[View]
+    ) -> list[Prediction]:
+        """The supervised outputs of one training forward: here the logits of the one view."""
+        return [Prediction(self.decode(feats[0]))]

@@ -1,4 +1,4 @@
-"""ClassMix and DACS's strong augmentation (colour jitter + Gaussian blur); ALGORITHM.md §4.6, §4.7.
+"""ClassMix and the strong augmentation of DACS (colour jitter, blur); docs/method.md §4.6-§4.7.
 
 Pure functions on batched tensors on the input's device, with the randomness passed in (a NumPy
 `Generator` for the ClassMix class choice, a `torch.Generator` for jitter factors and orders).

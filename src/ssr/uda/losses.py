@@ -1,5 +1,5 @@
-"""Training losses: mmseg-0.16 weighted cross-entropy (ALGORITHM.md §2.4) and DAFormer's ImageNet
-feature distance on thing classes (§4.8)."""
+"""Training losses: mmseg-0.16 weighted cross-entropy (docs/method.md §2.4), the loss of a
+segmentor's training predictions, and DAFormer's ImageNet feature distance on things (§4.8)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
+from ssr.model.segmentor import Box, Prediction
 
 
 def _as_bhw(label: Tensor) -> Tensor:
@@ -43,6 +44,32 @@ def weighted_ce(
     if weight is not None:
         loss = loss * weight
     return loss.mean()
+
+
+def seg_loss(
+    predictions: Sequence[Prediction], label: Tensor, weight: Tensor | None = None
+) -> Tensor:
+    """Σ_k w_k · CE(logits_k, label and weight inside box_k) over a training forward's outputs.
+
+    One prediction of weight 1 over the whole crop (DAFormer) is exactly `weighted_ce`; a
+    multi-resolution segmentor adds weighted terms on sub-regions of the crop.
+    """
+    total: Tensor | None = None
+    for p in predictions:
+        term = weighted_ce(p.logits, _crop(label, p.box), _crop(weight, p.box))
+        if p.weight != 1.0:
+            term = p.weight * term
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("seg_loss needs at least one prediction")
+    return total
+
+
+def _crop(x: Tensor | None, box: Box | None) -> Tensor | None:
+    if x is None or box is None:
+        return x
+    y1, y2, x1, x2 = box
+    return x[..., y1:y2, x1:x2]
 
 
 def downscale_label_ratio(

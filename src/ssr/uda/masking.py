@@ -1,6 +1,6 @@
-"""MIC's random block masks for the masked image consistency loss; ALGORITHM.md §5.2 (step 3).
+"""MIC's masked image consistency: random block masks and the masked loss weight; docs/method.md §5.
 
-The masker has no parameters (MIC(DAFormer) reuses the DACS teacher and pseudo-labels), so it is a
+The part has no parameters (MIC(DAFormer) reuses the DACS teacher and pseudo-labels), so it is a
 plain callable rather than an `nn.Module`.
 """
 
@@ -11,21 +11,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-class BlockMasker:
-    """Zero out random square blocks of normalised images (zero = the ImageNet mean colour).
+class MaskedConsistency:
+    """Zero out random square blocks of normalised images (zero = the ImageNet mean colour); the
+    student's loss on them, against the un-masked target's pseudo-labels, is weighted by
+    `loss_weight` (config node `uda.masking`).
 
     Args:
         block_size: block side in pixels (32 for 512-pixel crops; MIC(HRDA) uses 64 at 1024).
         ratio: probability that a block is masked (0.7: about 30 % of the image stays visible).
+        loss_weight: λ of the masked loss (MIC's `mask_lambda`, 1).
     """
 
-    def __init__(self, block_size: int = 32, ratio: float = 0.7) -> None:
+    def __init__(self, block_size: int = 32, ratio: float = 0.7, loss_weight: float = 1.0) -> None:
         if block_size <= 0:
             raise ValueError(f"MIC block_size={block_size} must be a positive number of pixels")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"MIC mask ratio={ratio} must be in [0, 1]")
         self.block_size = block_size
         self.ratio = ratio
+        self.loss_weight = loss_weight
 
     def mask(
         self,
@@ -50,4 +54,7 @@ class BlockMasker:
         return img * self.mask(img.shape, img.device, generator).to(img.dtype)
 
     def __repr__(self) -> str:
-        return f"BlockMasker(block_size={self.block_size}, ratio={self.ratio})"
+        return (
+            f"MaskedConsistency(block_size={self.block_size}, ratio={self.ratio}, "
+            f"loss_weight={self.loss_weight})"
+        )

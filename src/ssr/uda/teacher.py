@@ -1,4 +1,4 @@
-"""The DACS EMA teacher and its pseudo-labels; ALGORITHM.md §4.4 (EMA rule), §4.5 (pseudo-labels).
+"""The DACS EMA teacher and its pseudo-labels; docs/method.md §4.4 (EMA rule), §4.5 (pseudo-labels).
 
 Our own small class on purpose: timm's and Lightning's EMA average buffers and keep the copy in eval
 mode, the DACS teacher averages parameters only and keeps BatchNorm in train mode.
@@ -17,6 +17,8 @@ from torch.nn.modules.dropout import _DropoutNd
 
 class EMATeacher(nn.Module):
     """Exponential moving average of the student's parameters, used only to pseudo-label targets.
+
+    Config node `uda.teacher` (a Hydra partial: the UDA module passes the student).
 
     Args:
         student: the network to track; any module whose forward returns logits (B, K, H, W) at the
@@ -79,24 +81,14 @@ class EMATeacher(nn.Module):
             torch._foreach_lerp_(t_params, s_params, 1.0 - self.alpha_at(step))
 
     @torch.no_grad()
-    def pseudo_label(
-        self,
-        img: Tensor,
-        threshold: float | None = None,
-        ignore_top: int | None = None,
-        ignore_bottom: int | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    def pseudo_label(self, img: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher pseudo-labels (B, H, W) int64 and their weight (B, H, W) float (§4.5).
 
         The weight is one scalar for the whole batch, q = fraction of the batch's pixels whose max
         softmax probability is ≥ `threshold`, set to 0 in the first `ignore_top` and the last
         `ignore_bottom` rows (ego-vehicle / rectification artefacts). Low-confidence pixels keep
-        their label and weight q. Arguments left None use the constructor's values.
+        their label and weight q.
         """
-        threshold = self.threshold if threshold is None else threshold
-        top = self.ignore_top if ignore_top is None else ignore_top
-        bottom = self.ignore_bottom if ignore_bottom is None else ignore_bottom
-        _check_rows(top, bottom)
         self._set_pseudo_label_mode()
         logits = self.model(img)
         if logits.shape[-2:] != img.shape[-2:]:
@@ -104,12 +96,26 @@ class EMATeacher(nn.Module):
                 logits, size=img.shape[-2:], mode="bilinear", align_corners=False
             )
         conf, label = torch.softmax(logits.float(), dim=1).max(dim=1)  # (B, H, W) each
-        q = (conf >= threshold).float().mean()  # a 0-dim tensor: no host sync
+        q = (conf >= self.threshold).float().mean()  # a 0-dim tensor: no host sync
         weight = q.expand_as(conf).clone()
-        weight[:, :top] = 0.0
-        if bottom > 0:
-            weight[:, -bottom:] = 0.0
+        weight[:, : self.ignore_top] = 0.0
+        if self.ignore_bottom > 0:
+            weight[:, -self.ignore_bottom :] = 0.0
         return label, weight
+
+    @torch.no_grad()
+    def confidence(self, img: Tensor) -> Tensor:
+        """(B, H, W) max softmax probability of the pseudo-label pass (for debug panels).
+
+        Re-runs the forward of `pseudo_label` (same weights and mode); BatchNorm statistics are
+        restored, so drawing a panel never changes training.
+        """
+        buffers = [b.clone() for b in self.model.buffers()]
+        self._set_pseudo_label_mode()
+        logits = self.model(img)
+        for b, saved in zip(self.model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+        return torch.softmax(logits.float(), dim=1).amax(dim=1)
 
     def _set_pseudo_label_mode(self) -> None:
         """BatchNorm in train mode (batch statistics), dropout and drop-path off (§4.4).

@@ -1,0 +1,56 @@
+"""Synthetic GTA5 -> Cityscapes domain-shift dataset: procedural street scenes, two renderers.
+
+The source set is written in GTA5's raw on-disk format (palette PNG labels whose index is the
+Cityscapes label id) and the target set in raw Cityscapes format (`*_gtFine_labelIds.png`), see
+docs/method.md §7.2–§7.4, so `python -m ssr.data.prepare` converts them exactly like the real data.
+The scene layout is sampled independently of the domain; only the appearance differs (palette,
+texture, blur, lighting, sensor noise), which is the gap that UDA has to close.
+
+`canvas` holds the label ids, materials and drawing primitives, `objects` the street objects,
+`layout` the scene sampler, `style` the two domains' renderer and `writer` the files and the CLI
+(`python -m ssr.data.synthetic OUT`).
+"""
+
+from ssr.data.synthetic.canvas import Lid, Mat, Scene
+from ssr.data.synthetic.layout import sample_scene
+from ssr.data.synthetic.style import (
+    SOURCE_SIZE,
+    SOURCE_STYLE,
+    TARGET_SIZE,
+    TARGET_STYLE,
+    DomainStyle,
+    make_sample,
+    render,
+)
+from ssr.data.synthetic.writer import (
+    FORMAT_VERSION,
+    GTA_LABEL_PALETTE,
+    MARKER_NAME,
+    TRAIN_CITIES,
+    VAL_CITIES,
+    SyntheticDataError,
+    generate,
+    main,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GTA_LABEL_PALETTE",
+    "MARKER_NAME",
+    "SOURCE_SIZE",
+    "SOURCE_STYLE",
+    "TARGET_SIZE",
+    "TARGET_STYLE",
+    "TRAIN_CITIES",
+    "VAL_CITIES",
+    "DomainStyle",
+    "Lid",
+    "Mat",
+    "Scene",
+    "SyntheticDataError",
+    "generate",
+    "main",
+    "make_sample",
+    "render",
+    "sample_scene",
+]

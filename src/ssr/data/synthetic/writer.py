@@ -1,0 +1,249 @@
+"""Writing the dataset: raw GTA5 and Cityscapes file layouts, the OUT folder checks, the CLI.
+
+`synthetic.json` in OUT records the settings and is written first (complete=false) and last
+(complete=true), so a rerun can tell a finished set from an interrupted one or a foreign folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.progress import Progress
+
+from ssr.data.synthetic.style import SOURCE_SIZE, TARGET_SIZE, make_sample
+from ssr.errors import UserError
+from ssr.io import atomic_write, atomic_write_json
+from ssr.run.cli import cli
+
+# GTA5 label palette: index = Cityscapes label id 0..34 (note "static" is (20, 20, 20) in GTA5,
+# unlike cityscapesScripts' (0, 0, 0)); the remaining 221 entries of the PNG palette are black.
+GTA_LABEL_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (20, 20, 20), (111, 74, 0), (81, 0, 81),
+    (128, 64, 128), (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70),
+    (102, 102, 156), (190, 153, 153), (180, 165, 180), (150, 100, 100), (150, 120, 90),
+    (153, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35),
+    (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
+    (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100), (0, 0, 230), (119, 11, 32), (0, 0, 142),
+)  # fmt: skip
+
+TRAIN_CITIES: tuple[str, ...] = ("pixelstadt", "synthburg")  # sorted: file order = index
+VAL_CITIES: tuple[str, ...] = ("renderdorf", "shaderhausen")
+MARKER_NAME = "synthetic.json"  # written first (complete=false) and last (complete=true)
+FORMAT_VERSION = 1  # bump when the rendered output changes, so old folders are not reused
+
+
+class SyntheticDataError(UserError, RuntimeError):
+    """Bad output folder or arguments for the synthetic dataset generator."""
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    """Atomic, so an interrupted run never leaves half a PNG; not fsynced: a rerun remakes it."""
+    try:
+        atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)
+    except OSError as e:
+        raise SyntheticDataError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _gta_label_image(label: np.ndarray) -> Image.Image:
+    """GTA5's label format: a palette PNG whose index is the Cityscapes label id."""
+    image = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
+    palette = [c for rgb in GTA_LABEL_PALETTE for c in rgb]
+    image.putpalette(palette + [0] * (768 - len(palette)))
+    return image
+
+
+def _jobs(
+    out: Path, num_source: int, num_target_train: int, num_target_val: int
+) -> list[tuple[str, str, int, Path, Path]]:
+    """(domain, split, index, image path, label path) for every image to write."""
+    jobs = []
+    gta = out / "gta"
+    for i in range(num_source):
+        name = f"{i + 1:05d}.png"
+        jobs.append(("source", "train", i, gta / "images" / name, gta / "labels" / name))
+    cs = out / "cityscapes"
+    for split, count, cities in (
+        ("train", num_target_train, TRAIN_CITIES),
+        ("val", num_target_val, VAL_CITIES),
+    ):
+        for i in range(count):
+            city = cities[i * len(cities) // count]  # contiguous blocks per city
+            stem = f"{city}_{i:06d}_000019"
+            jobs.append(
+                (
+                    "target",
+                    split,
+                    i,
+                    cs / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
+                    cs / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png",
+                )
+            )
+    return jobs
+
+
+def _check_out(out: Path, params: dict, force: bool) -> bool:
+    """Decide what to do with OUT: True = generate into it, False = already generated."""
+    if out.exists() and not out.is_dir():
+        raise SyntheticDataError(f"output path {out} exists and is not a directory; pass a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return True
+    marker = out / MARKER_NAME
+    try:
+        previous = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, ValueError):
+        previous = {}  # an unreadable marker of ours: treat as an interrupted run
+    if previous is None:
+        for sub in ("gta", "cityscapes"):
+            if (out / sub).exists():
+                raise SyntheticDataError(
+                    f"{out / sub} exists but was not written by ssr.data.synthetic (no "
+                    f"{MARKER_NAME}); refusing to touch it, choose an empty output folder"
+                )
+        if force:
+            return True
+        raise SyntheticDataError(
+            f"output folder {out} is not empty; choose an empty or new folder (or pass --force)"
+        )
+    if previous.get("complete") and {k: previous.get(k) for k in params} == params and not force:
+        return False
+    same_settings = all(previous.get(k) == v for k, v in params.items() if k != "version")
+    if previous.get("complete") and same_settings and previous.get("version") != params["version"]:
+        force = True  # a set that only an older generator version wrote is ours to replace
+    if not force:
+        what = "other settings" if previous.get("complete") else "an interrupted run"
+        raise SyntheticDataError(
+            f"{out} holds a synthetic dataset from {what}; pass --force to regenerate it"
+        )
+    for sub in ("gta", "cityscapes"):
+        if (out / sub).exists():
+            try:
+                shutil.rmtree(out / sub)
+            except OSError as e:
+                raise SyntheticDataError(f"cannot delete {out / sub}: {e.strerror or e}") from e
+    return True
+
+
+def _write_marker(out: Path, params: dict, complete: bool) -> None:
+    """Record the settings in OUT; durable, because a rerun trusts it to skip or refuse OUT."""
+    try:
+        atomic_write_json(out / MARKER_NAME, {**params, "complete": complete})
+    except OSError as e:
+        raise SyntheticDataError(f"cannot write {out / MARKER_NAME}: {e.strerror or e}") from e
+
+
+def _write_job(job: tuple[str, str, int, Path, Path], seed: int) -> None:
+    """Render one sample and write its image and its label in the domain's raw format."""
+    domain, split, index, image_path, label_path = job
+    image, label = make_sample(domain, split, index, seed)
+    _save_png(Image.fromarray(image), image_path)
+    label_image = _gta_label_image(label) if domain == "source" else Image.fromarray(label)
+    _save_png(label_image, label_path)
+
+
+def generate(
+    out: Path | str,
+    seed: int = 0,
+    num_source: int = 200,
+    num_target_train: int = 100,
+    num_target_val: int = 50,
+    force: bool = False,
+    progress: bool = False,
+) -> bool:
+    """Write the synthetic source (GTA5 format) and target (Cityscapes format) sets under `out`.
+
+    Returns False, writing nothing, when `out` already holds a complete set made with the same
+    settings; an existing non-empty `out` is otherwise refused unless `force` (which deletes only
+    the `gta/` and `cityscapes/` folders a previous run of this generator wrote).
+    """
+    out = Path(out)
+    for name, count in (
+        ("num_source", num_source),
+        ("num_target_train", num_target_train),
+        ("num_target_val", num_target_val),
+    ):
+        if count < 1:
+            raise SyntheticDataError(f"{name} must be at least 1, got {count}")
+    params = {
+        "version": FORMAT_VERSION,
+        "seed": seed,
+        "num_source": num_source,
+        "num_target_train": num_target_train,
+        "num_target_val": num_target_val,
+        "source_size_hw": list(SOURCE_SIZE),
+        "target_size_hw": list(TARGET_SIZE),
+    }
+    if not _check_out(out, params, force):
+        return False
+    jobs = _jobs(out, num_source, num_target_train, num_target_val)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for folder in sorted({p.parent for job in jobs for p in job[3:]}):
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SyntheticDataError(
+            f"cannot create folders under {out}: {e.strerror or e}; choose a writable folder"
+        ) from e
+    _write_marker(out, params, complete=False)
+    if progress:
+        with Progress(console=Console(stderr=True), transient=False) as bar:
+            task = bar.add_task("rendering synthetic scenes", total=len(jobs))
+            for job in jobs:
+                _write_job(job, seed)
+                bar.advance(task)
+    else:
+        for job in jobs:
+            _write_job(job, seed)
+    _write_marker(out, params, complete=True)
+    return True
+
+
+def positive_int(text: str) -> int:
+    """argparse type for the image counts: an empty split would break the loaders."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: `python -m ssr.data.synthetic OUT [--seed 0] [--num-source 200] ... [--force]`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ssr.data.synthetic",
+        description="Write the synthetic GTA5-format source and Cityscapes-format target sets.",
+    )
+    parser.add_argument("out", type=Path, help="output folder (gets gta/ and cityscapes/)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-source", type=positive_int, default=200)
+    parser.add_argument("--num-target-train", type=positive_int, default=100)
+    parser.add_argument("--num-target-val", type=positive_int, default=50)
+    parser.add_argument("--force", action="store_true", help="regenerate a previous output")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    written = generate(
+        args.out,
+        args.seed,
+        args.num_source,
+        args.num_target_train,
+        args.num_target_val,
+        force=args.force,
+        progress=True,
+    )
+    if not written:
+        print(f"{args.out} already holds this synthetic dataset; nothing to do (--force redoes it)")
+        return 0
+    total = args.num_source + args.num_target_train + args.num_target_val
+    print(
+        f"wrote {total} images in {time.perf_counter() - start:.1f}s: {args.out / 'gta'} "
+        f"({args.num_source}, GTA5 format) and {args.out / 'cityscapes'} "
+        f"({args.num_target_train} train + {args.num_target_val} val, Cityscapes format)"
+    )
+    return 0

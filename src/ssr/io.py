@@ -1,0 +1,169 @@
+"""File I/O shared by every part of ssr: atomic writes, safe checkpoint reads, strict loading.
+
+Written once here so that every file ssr produces (checkpoints, exports, converted labels, the
+synthetic dataset, SAM feature caches, metrics) is either complete or absent after a crash, and
+every weight file is read with `weights_only=True` and checked key for key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from ssr.errors import UserError
+
+_SHOW = 5  # how many key names an error message lists
+
+
+class CheckpointError(UserError):
+    """A weight file is missing, unreadable, of an unknown layout, or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], durable: bool = True) -> None:
+    """`write(file)` into a temporary sibling of `path`, then rename it over `path`.
+
+    A kill or an error at any point leaves either the old file or the new one, never a torn file;
+    the temporary file is removed on failure (KeyboardInterrupt included). `durable` also fsyncs
+    the file and its folder, so the rename survives a power loss (checkpoints, exports); bulk
+    writers of small files that can be regenerated (labels, synthetic images) skip it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # os.open applies the umask (mkstemp would create a 0600 file).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+    remove_stale_temps(path)
+
+
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()), durable)
+
+
+def atomic_write_json(path: str | Path, obj: Any, durable: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n", durable)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (the directory entry), where the OS allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temporary files of `path` that killed writers left behind (their pid is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -------------------------------------------------------------------------------- reading
+def load_torch_file(
+    path: str | Path, what: str = "checkpoint", hint: str = "", mmap: bool = False
+) -> Any:
+    """`torch.load(weights_only=True)` on the CPU; every failure is one `CheckpointError` line.
+
+    `what` names the file in messages ("SAM checkpoint"); `hint` says what was expected; `mmap`
+    maps the file instead of reading it (to look at a few entries of a large checkpoint).
+    """
+    import re
+
+    import torch
+
+    path = Path(path)
+    expected = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found{expected or '; check the path'}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises many types for damaged files: all are one line here
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:
+            raise CheckpointError(
+                f"{path}: holds a {refused.group(1)} object, which safe loading refuses; "
+                "re-save it with only tensors and plain containers"
+            ) from e
+        raise CheckpointError(
+            f"{path}: not a readable {what} (truncated or corrupt? {type(e).__name__}){expected}"
+        ) from e
+
+
+# --------------------------------------------------------------------------- strict loading
+def state_dict_problems(expected: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """Why `given` cannot be loaded strictly where `expected` (a module's state dict) is.
+
+    Returns readable items ("2 missing keys [a, b]", ...); empty when the two fit key for key.
+    """
+    import torch
+
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    not_tensor = [k for k in expected if k in given and not isinstance(given[k], torch.Tensor)]
+    mismatched = [
+        f"{k}: file {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and isinstance(given[k], torch.Tensor) and given[k].shape != expected[k].shape
+    ]
+    return [
+        f"{len(keys)} {label} {first_items(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("non-tensor values", not_tensor),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
+
+
+def load_strict(module: Any, state: Mapping[str, Any], source: Any, what: str, hint: str) -> None:
+    """`module.load_state_dict(state, strict=True)` with one readable `CheckpointError` line."""
+    problems = state_dict_problems(module.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{source}: {what} does not fit: {'; '.join(problems)} ({hint})")
+    module.load_state_dict(dict(state), strict=True)
+
+
+def first_items(items: list) -> str:
+    shown = ", ".join(str(x) for x in items[:_SHOW])
+    return f"[{shown}{', ...' if len(items) > _SHOW else ''}]"

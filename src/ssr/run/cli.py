@@ -1,0 +1,63 @@
+"""The command-line convention of every ssr CLI: a user error is one line on stderr and exit 2.
+
+A user error is any `ssr.errors.UserError` (a bad path, file or setting), also when Hydra wraps it
+in an `InstantiationException` because a config node's constructor raised it, and a missing
+mandatory config value (`???`). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from hydra.errors import InstantiationException
+from omegaconf.errors import MissingMandatoryValue
+
+from ssr.errors import UserError
+from ssr.run.console import quiet_third_party
+
+if TYPE_CHECKING:
+    import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message of a user error (unwrapping Hydra's wrappers), else None."""
+    cause: BaseException | None = err
+    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, UserError):
+        return str(cause)
+    if isinstance(cause, MissingMandatoryValue):
+        return f"{cause.full_key} is required: pass {cause.full_key}=..."
+    return None
+
+
+def cli(fn: F) -> F:
+    """Wrap a CLI body: quiet third-party noise, report user errors in one line (exit code 2)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        quiet_third_party()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            message = user_error(err)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else is passed to torch.device."""
+    import torch  # here, not at the top: the argparse CLIs start without torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

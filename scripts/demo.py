@@ -86,7 +86,7 @@ def train(experiment: str, data: Path, run_dir: Path) -> tuple[dict, float]:
         f"data.target_root={data / 'cityscapes'}",
         # The run's console goes to a file and the demo shows each run's status: no progress bar.
         "callbacks.progress_bar=null",
-        "trainer.enable_progress_bar=false",
+        "+trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(method: str) -> None:
         status[method] = "training…"
-        metrics, seconds = train(RUNS[method], data, out / RUNS[method])
+        try:
+            metrics, seconds = train(RUNS[method], data, out / RUNS[method])
+        except DemoError:
+            status[method] = "[red]failed"
+            raise
         results[method] = metrics, seconds
         status[method] = f"[green]mIoU {metrics['mIoU']:.2f}[/green] ({seconds:.0f} s)"
 
-    with Live(status_table(status), console=console, refresh_per_second=2) as live:
+    with Live(status_table(status), console=console, refresh_per_second=2, transient=True) as live:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = [pool.submit(run, method) for method in RUNS]
             while not all(f.done() for f in futures):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 
 from ssr import CONF_MODULE
 from ssr.data.datamodule import CropRecord
+from ssr.data.labels import MEAN, STD
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # small tables that ship with the repo
@@ -141,3 +143,8 @@ def run_script(name: str, *args: str, cwd: Path, timeout: int = 600) -> subproce
     return subprocess.run(
         [str(script), *args], cwd=cwd, env=CLI_ENV, capture_output=True, text=True, timeout=timeout
     )
+
+
+def normalised(rgb: np.ndarray) -> np.ndarray:
+    """What the pipelines feed the network: mmseg-normalised float32 RGB (H, W, 3)."""
+    return (rgb.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)

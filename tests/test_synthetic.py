@@ -191,6 +191,19 @@ def test_cli_rerun_skips_refuses_and_forces(
     assert image.read_bytes() != before
 
 
+def test_a_set_from_an_older_generator_version_is_replaced(tmp_path: Path) -> None:
+    """Same settings but another FORMAT_VERSION: regenerated without --force (the folder is ours
+    and its images no longer match what the generator renders)."""
+    out = tmp_path / "data"
+    assert syn.generate(out, num_source=2, num_target_train=1, num_target_val=1)
+    marker = out / syn.MARKER_NAME
+    old = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**old, "version": syn.FORMAT_VERSION - 1}))
+    assert syn.generate(out, num_source=2, num_target_train=1, num_target_val=1)
+    assert json.loads(marker.read_text()) == old
+    assert not syn.generate(out, num_source=2, num_target_train=1, num_target_val=1)
+
+
 def test_cli_refuses_foreign_and_interrupted_folders(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -140,19 +140,18 @@ class UDAModule(pl.LightningModule):
             sam_src, sam_mix = self._sam_features(xs, mixed, batch)  # SSR, §6.3
 
             src = self._student(xs)  # source step (+ SSR's enhanced branch), §6.7
-            logs = self._supervised("src_ce", src, ys, sam_feats=sam_src, keep_graph=bool(self.fd))
+            keep = self.fd is not None  # FD backpropagates through the same backbone graph
+            logs = self._supervised("src_ce", src, ys, sam_feats=sam_src, keep_graph=keep)
             if self.fd is not None:  # ImageNet feature distance, §4.8
                 fd = self.fd(src.feats[0][-1], src.views[0].image, ys)
                 logs |= self._backward({"fd": fd}, scale=self.fd.weight)
             del src
-            student = self._student(mixed.image)  # mixed step (+ SSR), §4.9 / §6.7
-            logs |= self._supervised(
-                "mix_ce", student, mixed.label, mixed.weight, sam_feats=sam_mix
-            )
+            mix = self._student(mixed.image)  # mixed step (+ SSR), §4.9 / §6.7
+            logs |= self._supervised("mix_ce", mix, mixed.label, mixed.weight, sam_feats=sam_mix)
+            del mix
             if self.masking is not None:  # MIC: masked target, teacher's labels, §5.2
-                masked = self.masking(
-                    self.mixing.augment(xt, per_image=False), self.mixing.generator
-                )
+                aug = self.mixing.augment(xt, per_image=False)
+                masked = self.masking(aug, self.mixing.generator)
                 self._stash(mic_img=masked)
                 scale = self.masking.loss_weight
                 logs |= self._supervised("mic_ce", self._student(masked), pl_lbl, pl_w, scale=scale)

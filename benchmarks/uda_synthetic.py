@@ -21,7 +21,8 @@ reports mean ± sample std (`ssr.report`'s statistics); claim an order between t
 where the gap exceeds the spread. The JSON keeps every run (mIoU, aAcc, per-class IoU, wall time
 from process start to exit, the mean pseudo-label weight of the last 50 steps) and the summary.
 Runs are independent processes: `--jobs 2` runs two at a time (one thread each), with the same
-results as one at a time.
+results as one at a time; `--reuse` keeps the runs of `--log-dir` that finished (an interrupted
+sweep continues).
 
 Run: python benchmarks/uda_synthetic.py [--steps 600] [--seeds 0 1 2] [--methods source_only oracle]
 """
@@ -130,9 +131,14 @@ def last_pl_weight(run_dir: Path, last: int = 50) -> float | None:
     return sum(values[-last:]) / len(values[-last:]) if values else None
 
 
+RECORD = "benchmark_run.json"  # in each run dir: what `run` returned, for --reuse
+
+
 def run(name: str, seed: int, args: argparse.Namespace, oracle: Path) -> dict[str, Any]:
     experiment, extra, _ = METHODS[name]
     run_dir = args.log_dir / f"{name}_s{seed}_{args.steps}steps"
+    if args.reuse and (run_dir / RECORD).is_file():
+        return json.loads((run_dir / RECORD).read_text())
     settings = {
         "experiment": experiment,
         "seed": str(seed),
@@ -155,7 +161,7 @@ def run(name: str, seed: int, args: argparse.Namespace, oracle: Path) -> dict[st
     if rc != 0 or not metrics.is_file():
         raise BenchmarkError(f"{name} seed {seed} failed (exit {rc}); see {log}")
     result = json.loads(metrics.read_text())
-    return {
+    record = {
         "experiment": experiment,
         "overrides": [_rel(o) for o in overrides[1:-1]],
         "mIoU": result["mIoU"],
@@ -165,6 +171,8 @@ def run(name: str, seed: int, args: argparse.Namespace, oracle: Path) -> dict[st
         "pl_weight_last50": last_pl_weight(run_dir),
         "run_dir": _rel(str(run_dir)),
     }
+    atomic_write_json(run_dir / RECORD, record)
+    return record
 
 
 def _rel(text: str) -> str:
@@ -223,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
     parser.add_argument("--log-dir", type=Path, default=ROOT / "logs" / "uda_synthetic")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep runs of --log-dir that finished (resume a sweep)"
+    )
     args = parser.parse_args(argv)
     # absolute(), not resolve(): data/synthetic may be a link, kept as given.
     args.data, args.log_dir = args.data.absolute(), args.log_dir.absolute()

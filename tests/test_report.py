@@ -70,6 +70,19 @@ def test_cli_writes_markdown_and_csv(sweep: Path, tmp_path: Path) -> None:
     assert rows[1]["mIoU_std"] == "" and rows[1]["n_runs"] == "1"
 
 
+def test_overrides_with_interpolations_are_read_as_text(tmp_path: Path) -> None:
+    """The benchmark's oracle runs carry data.source_resize=${data.target_resize}."""
+    override = "data.source_resize=${data.target_resize}"
+    for seed in (0, 1):
+        fake_run(tmp_path, f"oracle_s{seed}", [override, f"seed={seed}"], 30.0 + seed, 90.0, None)
+    (group,) = report.collect(tmp_path)
+    assert group.label == override and group.stat("mIoU") == (
+        30.5,
+        pytest.approx(0.7071, abs=1e-4),
+        2,
+    )
+
+
 def test_more_ignored_keys_merge_groups(sweep: Path) -> None:
     groups = report.collect(sweep, ignore=["seed", "experiment"])
     assert len(groups) == 1 and groups[0].label == "(no overrides)" and len(groups[0].runs) == 4

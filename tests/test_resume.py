@@ -136,6 +136,15 @@ def test_ckpt_path_last_and_auto_resolution(tmp_path: Path) -> None:
         resolve_ckpt_path(str(tmp_path / "missing.ckpt"), new, wanted)
 
 
+def test_ckpt_path_last_matches_runs_with_interpolation_overrides(tmp_path: Path) -> None:
+    """An override like data.source_resize=${data.target_resize} stays text in the comparison
+    (reading it as an interpolation used to fail)."""
+    exp = ["experiment=demo", "data.source_resize=${data.target_resize}", "ckpt_path=last"]
+    old = make_run(tmp_path, "a", exp, "checkpoints/last.ckpt")
+    new = make_run(tmp_path, "b", exp, None)
+    assert resolve_ckpt_path("last", new, exp) == str(old / "checkpoints" / "last.ckpt")
+
+
 # ------------------------------------------------------------ in-process exact continuation
 def build(synthetic_root: Path) -> tuple[pl.LightningModule, pl.LightningDataModule]:
     cfg = compose_cfg(

@@ -122,7 +122,9 @@ def _overrides_and_seed(run_dir: Path) -> tuple[list[str], int | None]:
     hydra_dir = run_dir / ".hydra"
     overrides: list[str] = []
     if (hydra_dir / "overrides.yaml").is_file():
-        overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
+        # Unresolved: an override such as a=${b} is a string here, not an interpolation.
+        values = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"), resolve=False)
+        overrides = [str(o) for o in values]
     seed: Any = None
     for o in overrides:
         key, _, value = o.partition("=")

@@ -119,7 +119,10 @@ def _run_overrides(run_dir: Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
-        values = OmegaConf.load(path)
+        loaded = OmegaConf.load(path)
     except Exception:  # a damaged file: not a run to resume
         return None
-    return _comparable([str(v) for v in values]) if isinstance(values, ListConfig) else None
+    if not isinstance(loaded, ListConfig):
+        return None
+    # Unresolved: an override such as a=${b} is a string here, not an interpolation.
+    return _comparable([str(v) for v in OmegaConf.to_container(loaded, resolve=False)])

@@ -37,7 +37,7 @@ GTA_LABEL_PALETTE: tuple[tuple[int, int, int], ...] = (
 TRAIN_CITIES: tuple[str, ...] = ("pixelstadt", "synthburg")  # sorted: file order = index
 VAL_CITIES: tuple[str, ...] = ("renderdorf", "shaderhausen")
 MARKER_NAME = "synthetic.json"  # written first (complete=false) and last (complete=true)
-FORMAT_VERSION = 1  # bump when the rendered output changes, so old folders are not reused
+FORMAT_VERSION = 2  # bump when the rendered output changes, so old folders are not reused
 
 
 class SyntheticDataError(UserError, RuntimeError):

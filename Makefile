@@ -15,9 +15,9 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 
-install: $(PY) ## create .venv and install ssr (editable) with dev extras
+install: $(PY) ## create .venv and install ssr (editable) with the dev and onnx extras
 	$(PY) -m pip install $(TORCH_PIN)
-	$(PY) -m pip install -e ".[dev]" $(TORCH_PIN)
+	$(PY) -m pip install -e ".[dev,onnx]" $(TORCH_PIN)
 
 test: ## fast test suite (about 3 min on 2 cores)
 	$(PY) -m pytest -m "not slow" -q

@@ -5,9 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
 
-from helpers import SHARED_FIXTURES
+from ssr.model.checkpoint import export_segmentor
+
+from helpers import CS_FRAMES, CS_H, CS_W, SHARED_FIXTURES, compose_cfg
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -36,4 +44,37 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     synthetic.generate(root, num_source=8, num_target_train=4, num_target_val=2)
     prepare.prepare_gta5(root / "gta", nproc=1)
     prepare.prepare_cityscapes(root / "cityscapes", nproc=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A randomly initialised tiny DAFormer exported as an ssr-segmentor file."""
+    torch.manual_seed(0)
+    cfg = compose_cfg("eval", "model=daformer_tiny")
+    segmentor = instantiate(cfg.model).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    export_segmentor(segmentor, path, model_config=model_config, meta={"test": True})
+    return path, segmentor
+
+
+@pytest.fixture(scope="session")
+def cs_root(tmp_path_factory) -> Path:
+    """Two 128x64 val frames in two cities: smooth images, labels with 4 classes and ignore."""
+    root = tmp_path_factory.mktemp("cityscapes")
+    rng = np.random.default_rng(0)
+    for i, frame in enumerate(CS_FRAMES):
+        img_path = root / "leftImg8bit" / "val" / f"{frame}_leftImg8bit.png"
+        gt_path = root / "gtFine" / "val" / f"{frame}_gtFine_labelTrainIds.png"
+        img_path.parent.mkdir(parents=True)
+        gt_path.parent.mkdir(parents=True)
+        img = cv2.resize(rng.integers(0, 256, (8, 16, 3), dtype=np.uint8), (CS_W, CS_H))
+        Image.fromarray(img).save(img_path)
+        label = np.full((CS_H, CS_W), 0, dtype=np.uint8)  # road
+        label[: CS_H // 3] = 10  # sky
+        label[CS_H // 3 : CS_H // 2, : CS_W // 2] = 2  # building
+        label[CS_H // 2 :, CS_W // 2 + 8 * i :] = 13  # car
+        label[-4:] = 255
+        Image.fromarray(label).save(gt_path)
     return root

@@ -24,6 +24,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # small tables that ship with the repo
 # Real Cityscapes/GTA5-derived frames (research-only terms): read in place, never copied here.
 SHARED_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
+# A tiny Cityscapes-format val tree (conftest `cs_root`): two frames in two cities, 128x64.
+CS_FRAMES = ("aachen/aachen_000000_000019", "bochum/bochum_000000_000313")
+CS_W, CS_H = 128, 64
 CLI_ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"}
 
 

@@ -23,7 +23,6 @@ from torch import nn
 
 from ssr.data.datamodule import InfiniteIndexSampler
 from ssr.data.datasets import CityscapesDataset
-from ssr.data.transforms import test_transform
 from ssr.eval import evaluate
 from ssr.model.checkpoint import load_segmentor
 from ssr.model.inference import Inference
@@ -207,7 +206,7 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(
     # confusion matrices equals one process scoring all images with the same weights.
     metrics = json.loads((ddp / "metrics.json").read_text())
     seg, _, _ = load_segmentor(ddp / "checkpoints" / "last.ckpt", {})
-    val = CityscapesDataset(synthetic_root / "cityscapes", "val", test_transform((128, 64)))
+    val = CityscapesDataset(synthetic_root / "cityscapes", "val")
     ref = evaluate(seg, val, Inference(resize=(128, 64)), progress=False)  # the demo's protocol
     assert metrics["num_images"] == ref["num_images"] == len(val)
     assert metrics["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-6)

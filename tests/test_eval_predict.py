@@ -17,48 +17,14 @@ from ssr import eval as ssr_eval
 from ssr import export as ssr_export
 from ssr import predict as ssr_predict
 from ssr.data.labels import CLASSES, NUM_CLASSES
-from ssr.model.checkpoint import export_segmentor, load_segmentor
+from ssr.data.transforms import test_transform
+from ssr.model.checkpoint import load_segmentor
 from ssr.model.inference import Inference
 
-from helpers import call_hydra_main, compose_cfg, run_cli, run_script
+from helpers import CS_FRAMES, CS_H, CS_W, call_hydra_main, compose_cfg, run_cli, run_script
 
-FRAMES = ("aachen/aachen_000000_000019", "bochum/bochum_000000_000313")
-W, H = 128, 64
 # The images are already at test scale; inference.resize=[256,128] is covered in the first test.
 AT_TEST_SCALE = "inference.resize=[128,64]"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    """A randomly initialised tiny DAFormer exported as an ssr-segmentor file."""
-    torch.manual_seed(0)
-    cfg = compose_cfg("eval", "model=daformer_tiny")
-    segmentor = instantiate(cfg.model).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    export_segmentor(segmentor, path, model_config=model_config, meta={"test": True})
-    return path, segmentor
-
-
-@pytest.fixture(scope="module")
-def cs_root(tmp_path_factory) -> Path:
-    """Two 128x64 val frames in two cities: smooth images, labels with 4 classes and ignore."""
-    root = tmp_path_factory.mktemp("cityscapes")
-    rng = np.random.default_rng(0)
-    for i, frame in enumerate(FRAMES):
-        img_path = root / "leftImg8bit" / "val" / f"{frame}_leftImg8bit.png"
-        gt_path = root / "gtFine" / "val" / f"{frame}_gtFine_labelTrainIds.png"
-        img_path.parent.mkdir(parents=True)
-        gt_path.parent.mkdir(parents=True)
-        img = cv2.resize(rng.integers(0, 256, (8, 16, 3), dtype=np.uint8), (W, H))
-        Image.fromarray(img).save(img_path)
-        label = np.full((H, W), 0, dtype=np.uint8)  # road
-        label[: H // 3] = 10  # sky
-        label[H // 3 : H // 2, : W // 2] = 2  # building
-        label[H // 2 :, W // 2 + 8 * i :] = 13  # car
-        label[-4:] = 255
-        Image.fromarray(label).save(gt_path)
-    return root
 
 
 def _eval_cfg(*overrides: str) -> DictConfig:
@@ -80,9 +46,7 @@ def test_eval_checkpoint_writes_metrics(tiny, cs_root, tmp_path) -> None:
     # evaluate() leaves a training segmentor in training mode (reuse in a validation loop).
     segmentor.train()
     inference = Inference(resize=(256, 128))
-    dataset = ssr_eval.CityscapesDataset(
-        cs_root, "val", transform=ssr_eval.test_transform(inference.resize)
-    )
+    dataset = ssr_eval.CityscapesDataset(cs_root, "val")  # evaluate() builds the test views
     again = ssr_eval.evaluate(segmentor, dataset, inference, "cpu", progress=False)
     assert segmentor.training
     assert again["num_images"] == 2 and 0.0 <= again["mIoU"] <= 100.0
@@ -116,15 +80,15 @@ def test_predict_folder_then_score_it_matches_checkpoint_eval(tiny, cs_root, tmp
         AT_TEST_SCALE,
     )
     written = ssr_predict.run(cfg)
-    assert len(written) == 3 * len(FRAMES)
-    for frame in FRAMES:
+    assert len(written) == 3 * len(CS_FRAMES)
+    for frame in CS_FRAMES:
         stem = preds / f"{frame}_leftImg8bit"  # the city folders are mirrored
         train_ids = Image.open(f"{stem}_trainIds.png")
-        assert (train_ids.mode, train_ids.size) == ("L", (W, H))
+        assert (train_ids.mode, train_ids.size) == ("L", (CS_W, CS_H))
         assert np.asarray(train_ids).max() < NUM_CLASSES
         for kind in ("color", "overlay"):
             im = Image.open(f"{stem}_{kind}.png")
-            assert (im.mode, im.size) == ("RGB", (W, H))
+            assert (im.mode, im.size) == ("RGB", (CS_W, CS_H))
     # Scoring those files must give exactly what checkpoint evaluation gives: same protocol.
     from_ckpt = ssr_eval.run(
         _eval_cfg(f"ckpt_path={ckpt}", f"gt_root={cs_root}", f"output_dir={tmp_path / 'a'}")
@@ -141,21 +105,21 @@ def test_predictor_is_the_loaded_student_under_the_protocol(tiny) -> None:
     loaded, config, fmt = load_segmentor(ckpt, {}, "cpu")
     assert fmt == "export" and config["backbone"]["variant"] == "tiny"
     assert not loaded.training
-    inference = Inference(resize=(W, H))
+    inference = Inference(resize=(CS_W, CS_H))
     predictor = ssr_predict.Predictor(loaded, inference, "cpu")
-    rgb = np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    rgb = np.random.default_rng(1).integers(0, 256, (CS_H, CS_W, 3), dtype=np.uint8)
     train_ids = predictor(rgb)
-    assert train_ids.shape == (H, W) and train_ids.dtype == np.uint8
-    img = predictor.transform(image=rgb)["image"].float().unsqueeze(0)
+    assert train_ids.shape == (CS_H, CS_W) and train_ids.dtype == np.uint8
+    img = test_transform(inference.resize)(image=rgb)["image"].float().unsqueeze(0)
     with torch.inference_mode():
-        expected = inference.logits(segmentor.eval(), img, out_size=(H, W)).argmax(1)[0]
+        expected = inference.logits(segmentor.eval(), img, out_size=(CS_H, CS_W)).argmax(1)[0]
     np.testing.assert_array_equal(train_ids, expected.numpy())
 
 
 def test_pred_dir_perfect_and_missing(cs_root, tmp_path, monkeypatch) -> None:
     perfect = tmp_path / "perfect"
     perfect.mkdir()
-    for frame in FRAMES:
+    for frame in CS_FRAMES:
         gt = cs_root / "gtFine" / "val" / f"{frame}_gtFine_labelTrainIds.png"
         (perfect / f"{Path(frame).name}_trainIds.png").write_bytes(gt.read_bytes())
     out = tmp_path / "out"
@@ -180,9 +144,9 @@ def test_pred_dir_perfect_and_missing(cs_root, tmp_path, monkeypatch) -> None:
 def test_predict_video_writes_overlay_video(tiny, tmp_path) -> None:
     ckpt, _ = tiny
     video = tmp_path / "clip.mp4"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (W, H))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (CS_W, CS_H))
     for i in range(3):
-        writer.write(np.full((H, W, 3), 60 * i, dtype=np.uint8))
+        writer.write(np.full((CS_H, CS_W, 3), 60 * i, dtype=np.uint8))
     writer.release()
     cfg = compose_cfg(
         "predict",
@@ -200,7 +164,7 @@ def test_predict_video_writes_overlay_video(tiny, tmp_path) -> None:
         ok, frame = capture.read()
         if not ok:
             break
-        assert frame.shape == (H, W, 3)
+        assert frame.shape == (CS_H, CS_W, 3)
         frames += 1
     capture.release()
     assert frames == 3
@@ -296,7 +260,7 @@ def test_bad_predict_inputs_exit_2(case, tiny, tmp_path, monkeypatch, capsys) ->
     ckpt, _ = tiny
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not an image")
-    Image.fromarray(np.zeros((H, W, 3), dtype=np.uint8)).save(tmp_path / "frame.png")
+    Image.fromarray(np.zeros((CS_H, CS_W, 3), dtype=np.uint8)).save(tmp_path / "frame.png")
     overrides = {
         "missing_input": [f"ckpt_path={ckpt}", f"input={tmp_path / 'nope.png'}"],
         "empty_folder": [f"ckpt_path={ckpt}", f"input={tmp_path / 'empty'}"],

@@ -24,11 +24,10 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import track
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ssr import CONF_PATH
-from ssr.data.datasets import CityscapesDataset, read_label
-from ssr.data.transforms import test_transform
+from ssr.data.datasets import CityscapesDataset, TestTimeViews, read_label
 from ssr.errors import UserError
 from ssr.io import atomic_write_json
 from ssr.metrics import SegMetric, iou_table
@@ -50,13 +49,14 @@ class EvalInputError(UserError, ValueError):
 
 def evaluate(
     segmentor: nn.Module,
-    dataset: Dataset,
+    dataset: CityscapesDataset,
     inference: Inference,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score `segmentor` on `dataset` (items with `img` at test scale and full-size `label`).
+    """Score `segmentor` on a labelled `dataset` under the test protocol `inference` (its images
+    are rebuilt at every test scale; labels stay at full resolution).
 
     Batch size 1, as in the paper, since val images may differ in size. Returns
     `SegMetric.compute()` plus `num_images`. The segmentor's train/eval mode is restored afterwards,
@@ -64,7 +64,8 @@ def evaluate(
     """
     device = torch.device(device)
     metric = SegMetric().to(device)
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
+    views = TestTimeViews(dataset, inference)
+    loader = DataLoader(views, batch_size=1, shuffle=False, num_workers=num_workers)
     was_training = segmentor.training
     segmentor.eval()
     batches = (
@@ -75,10 +76,10 @@ def evaluate(
     try:
         with torch.inference_mode():
             for batch in batches:
-                img = batch["img"].to(device, non_blocking=True)
+                imgs = [x.to(device, non_blocking=True) for x in batch["img"]]
                 label = batch["label"].to(device, non_blocking=True)  # (1, H, W) original size
-                logits = inference.logits(segmentor, img, out_size=label.shape[-2:])
-                metric.update(logits.argmax(dim=1), label)
+                ids, _ = inference.predict(segmentor, imgs, label.shape[-2:])
+                metric.update(ids, label)
     finally:
         segmentor.train(was_training)
     return {**metric.compute(), "num_images": len(dataset)}
@@ -151,9 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         inference: Inference = instantiate(cfg.inference)
         # The data first: a wrong gt_root should fail before a large checkpoint is read.
-        dataset = CityscapesDataset(
-            cfg.gt_root, split=cfg.split, transform=test_transform(inference.resize), label=True
-        )
+        dataset = CityscapesDataset(cfg.gt_root, split=cfg.split, label=True)
         device = resolve_device(cfg.device)
         segmentor, _, _ = load_segmentor(cfg.ckpt_path, cfg.model, device)
         result = evaluate(segmentor, dataset, inference, device, num_workers=cfg.num_workers)

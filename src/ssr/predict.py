@@ -2,9 +2,13 @@
 
 Segments an image, a folder of images or a video with the student (shadow branch, docs/method.md
 §3.3) under the test protocol of the `inference` group (§3.2: keep-ratio resize to 1024x512,
-whole-image inference, logits resized back to the original size). Per image it writes
-`<stem>_trainIds.png` (uint8 train ids, scoreable with `ssr.eval pred_dir=...`), `<stem>_color.png`
-and `<stem>_overlay.png`; a video gives `<stem>_overlay.mp4`.
+whole-image inference, logits resized back to the original size; test-time augmentation with
+`tta=flip|multiscale`). The model is a PyTorch checkpoint of any format or an exported `.onnx`.
+Per image it writes `<stem>_trainIds.png` (uint8 train ids, scoreable with `ssr.eval pred_dir=...`),
+`<stem>_color.png` and `<stem>_overlay.png`; with `confidence=true` also `<stem>_conf.png` (the
+max softmax probability as 16-bit PNG, value / 65535), with `encoding=cityscapes` also
+`<stem>_labelIds.png` (Cityscapes label ids, for the official evaluator and test server). A video
+gives `<stem>_overlay.mp4`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 
 from ssr import CONF_PATH
 from ssr.data.datasets import read_image
-from ssr.data.labels import colorize
+from ssr.data.labels import colorize, train_ids_to_label_ids
 from ssr.data.transforms import test_transform
 from ssr.errors import UserError
 from ssr.io import atomic_write
@@ -40,7 +44,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 # Our own outputs: skipped when a folder is searched, so a second run never segments them.
-OUTPUT_SUFFIXES = ("_trainIds.png", "_color.png", "_overlay.png")
+OUTPUT_SUFFIXES = ("_trainIds.png", "_color.png", "_overlay.png", "_conf.png", "_labelIds.png")
+ENCODINGS = ("trainid", "cityscapes")
+CONF_SCALE = 65535  # <stem>_conf.png holds round(probability * CONF_SCALE) as uint16
 
 
 class PredictInputError(UserError, ValueError):
@@ -56,14 +62,21 @@ class Predictor:
         self.segmentor = segmentor.to(device).eval()
         self.inference = inference
         self.device = torch.device(device)
-        self.transform = test_transform(inference.resize)
 
-    @torch.inference_mode()
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (H, W) uint8 train ids."""
-        img = self.transform(image=rgb)["image"].float().unsqueeze(0).to(self.device)
-        logits = self.inference.logits(self.segmentor, img, out_size=rgb.shape[:2])
-        return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+        return self.predict(rgb)[0]
+
+    @torch.inference_mode()
+    def predict(self, rgb: np.ndarray, confidence: bool = False) -> tuple[np.ndarray, Any]:
+        """(H, W) uint8 train ids and, if asked, (H, W) float32 max softmax probability."""
+        imgs = [
+            test_transform(r)(image=rgb)["image"].float().unsqueeze(0).to(self.device)
+            for r in self.inference.resizes(rgb.shape[:2])
+        ]
+        ids, conf = self.inference.predict(self.segmentor, imgs, rgb.shape[:2], confidence)
+        ids_np = ids[0].to(torch.uint8).cpu().numpy()
+        return ids_np, None if conf is None else conf[0].float().cpu().numpy()
 
 
 def overlay(rgb: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -72,13 +85,19 @@ def overlay(rgb: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.nd
 
 
 def predict_images(
-    predictor: Predictor, inputs: list[tuple[Path, Path]], alpha: float = 0.5
+    predictor: Predictor,
+    inputs: list[tuple[Path, Path]],
+    alpha: float = 0.5,
+    confidence: bool = False,
+    encoding: str = "trainid",
 ) -> list[Path]:
     """Segment each (image, output folder) pair; returns the written files."""
+    if encoding not in ENCODINGS:
+        raise PredictInputError(f"encoding={encoding}; choose one of {', '.join(ENCODINGS)}")
     written = []
     for image_path, out_dir in _progress(inputs, "Predicting", len(inputs)):
         rgb = read_image(image_path)
-        train_ids = predictor(rgb)
+        train_ids, conf = predictor.predict(rgb, confidence)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = image_path.stem
         outputs = {
@@ -86,6 +105,10 @@ def predict_images(
             out_dir / f"{stem}_color.png": colorize(train_ids),
             out_dir / f"{stem}_overlay.png": overlay(rgb, train_ids, alpha),
         }
+        if conf is not None:
+            outputs[out_dir / f"{stem}_conf.png"] = np.rint(conf * CONF_SCALE).astype(np.uint16)
+        if encoding == "cityscapes":
+            outputs[out_dir / f"{stem}_labelIds.png"] = train_ids_to_label_ids(train_ids)
         for path, array in outputs.items():
             image = Image.fromarray(array)
             atomic_write(path, lambda f, im=image: im.save(f, format="PNG"), durable=False)
@@ -163,7 +186,7 @@ def run(cfg: DictConfig) -> list[Path]:
     if is_video:
         written = [predict_video(predictor, input_path, output_dir, cfg.overlay_alpha)]
     else:
-        written = predict_images(predictor, inputs, cfg.overlay_alpha)
+        written = predict_images(predictor, inputs, cfg.overlay_alpha, cfg.confidence, cfg.encoding)
     log.info(f"Wrote {len(written)} files to {output_dir}")
     return written
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr.data.transforms import test_transform
 from ssr.errors import UserError
+from ssr.model.inference import Inference
 
 Transform = Callable[..., dict[str, Any]]
 
@@ -252,3 +253,21 @@ class CityscapesDataset(_SegmentationFiles):
                 f"{self.images[index]} is {image.shape[1]}x{image.shape[0]}; re-extract the pair"
             )
         return label
+
+
+class TestTimeViews(Dataset):
+    """The items of a dataset with `img` as a list: the image at every test scale of `inference`
+    (one scale without multi-scale test-time augmentation); `label` stays at full resolution."""
+
+    def __init__(self, dataset: _SegmentationFiles, inference: Inference) -> None:
+        self.dataset, self.inference = dataset, inference
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.dataset.read(index)
+        first, *rest = self.inference.resizes(image.shape[:2])
+        item = self.dataset.make_item(index, image, label, test_transform(first))
+        views = [self.dataset.make_item(index, image, None, test_transform(r))["img"] for r in rest]
+        return item | {"img": [item["img"], *views]}

@@ -52,6 +52,14 @@ def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
     return label_id_lut()[label_ids]
 
 
+def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """(H, W) train ids -> uint8 Cityscapes label ids (what the official evaluator and test server
+    read); ignore (255) and unknown ids become 0 ("unlabeled")."""
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[:NUM_CLASSES] = TRAIN_ID_TO_LABEL_ID
+    return lut[train_ids.astype(np.uint8)]
+
+
 def colorize(train_ids: np.ndarray) -> np.ndarray:
     """(H, W) train ids -> (H, W, 3) uint8 Cityscapes colours; ignore and unknown ids are black."""
     lut = np.zeros((256, 3), dtype=np.uint8)

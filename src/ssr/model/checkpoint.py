@@ -157,7 +157,14 @@ def load_segmentor(
     Our Lightning and export checkpoints carry their model config; an official work-dir checkpoint
     does not, so `model_cfg` (the `model=` group) describes it. ImageNet weights are never loaded:
     the checkpoint overwrites every parameter (as the official test script sets `pretrained=None`).
+    An `.onnx` file (`ssr.export format=onnx`) runs on ONNX Runtime behind the same interface.
     """
+    if Path(ckpt_path).suffix == ".onnx":
+        from ssr.model.onnx import OnnxSegmentor
+
+        if not Path(ckpt_path).is_file():
+            raise CheckpointError(f"{ckpt_path}: ONNX model not found; check the path")
+        return OnnxSegmentor(ckpt_path).to(device).eval(), {}, "onnx"
     config = read_model_config(ckpt_path)
     if config is None:
         config = (

@@ -3,15 +3,19 @@
 docs/method.md §3.2: DAFormer, MIC and SSR resize Cityscapes 2048x1024 to 1024x512 keeping the
 ratio, run one whole-image pass, and upsample the logits in two steps (to the input size inside
 the segmentor's forward, then to the original size). Sliding-window inference (overlapping crops,
-the last one flush with the border, logits averaged) is the alternative for models that run on
-windows. One `Inference` object (config group `inference`) is shared by validation during
-training, `ssr.eval` and `ssr.predict`, so the protocol is stated once.
+the last one flush with the border, logits averaged, windows run in batches) is the alternative
+for models that run on windows. Test-time augmentation follows the official test script's
+`--aug-test` (mmseg 0.16's MultiScaleFlipAug + `aug_test`): the image at several scale ratios of the
+test scale, each also flipped, their softmax probabilities at the original size averaged. One
+`Inference` object (config groups `inference` and `tta`) is shared by validation during training,
+`ssr.eval` and `ssr.predict`, so the protocol is stated once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ssr.model.segmentor import resize
@@ -27,13 +31,17 @@ def _pair(value: Sequence[int], name: str) -> tuple[int, int]:
 
 
 class Inference:
-    """Test-time resize and whole / sliding-window logits.
+    """Test-time resize, whole / sliding-window logits and test-time augmentation.
 
     Args:
         mode: "whole" (one pass on the resized image) or "slide" (overlapping windows).
         resize: (long, short) keep-ratio test scale of the image, e.g. (1024, 512); None keeps the
             original size.
         crop_size / stride: (height, width) of the windows and their step; slide mode only.
+        window_batch: windows per forward pass in slide mode (same logits as one at a time).
+        ratios: test-time scales as ratios of `resize` (of the image's own size without one);
+            [1.0] is no multi-scale augmentation.
+        flip: also run every scale horizontally flipped (test-time augmentation).
     """
 
     def __init__(
@@ -42,24 +50,51 @@ class Inference:
         resize: Sequence[int] | None = (1024, 512),
         crop_size: Sequence[int] = (512, 512),
         stride: Sequence[int] = (341, 341),
+        window_batch: int = 1,
+        ratios: Sequence[float] = (1.0,),
+        flip: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown inference mode {mode!r}; use one of {MODES}")
+        if window_batch < 1:
+            raise ValueError(f"inference.window_batch={window_batch} must be >= 1")
+        if not ratios or min(ratios) <= 0:
+            raise ValueError(f"inference.ratios={list(ratios)} must be positive scale ratios")
         self.mode = mode
         self.resize = None if resize is None else _pair(resize, "resize")
         self.crop_size = _pair(crop_size, "crop_size")
         self.stride = _pair(stride, "stride")
+        self.window_batch = window_batch
+        self.ratios = tuple(float(r) for r in ratios)
+        self.flip = flip
+
+    @property
+    def augmented(self) -> bool:
+        """Whether several views (scales, flips) are averaged."""
+        return len(self.ratios) > 1 or self.flip
 
     def __repr__(self) -> str:
-        window = (
-            f", crop_size={self.crop_size}, stride={self.stride}" if self.mode == "slide" else ""
-        )
-        return f"Inference(mode={self.mode!r}, resize={self.resize}{window})"
+        text = f"Inference(mode={self.mode!r}, resize={self.resize}"
+        if self.mode == "slide":
+            text += f", crop_size={self.crop_size}, stride={self.stride}"
+            text += f", window_batch={self.window_batch}"
+        if self.augmented:
+            text += f", ratios={list(self.ratios)}, flip={self.flip}"
+        return text + ")"
+
+    def resizes(self, image_hw: Sequence[int]) -> list[tuple[int, int] | None]:
+        """The (long, short) keep-ratio scale of each test view of an (H, W) image, in `ratios`
+        order; None = the image as it is. With `resize`, ratio r gives (int(W_s·r), int(H_s·r))
+        of the test scale (mmseg's MultiScaleFlipAug), without one of the image itself."""
+        h, w = int(image_hw[0]), int(image_hw[1])
+        if self.resize is None:
+            return [None if r == 1.0 else (int(w * r), int(h * r)) for r in self.ratios]
+        return [(int(self.resize[0] * r), int(self.resize[1] * r)) for r in self.ratios]
 
     def logits(
         self, model: nn.Module, img: Tensor, out_size: Sequence[int] | None = None
     ) -> Tensor:
-        """Logits (B, K, *out_size) of a normalised test image (B, 3, h, w) at the test scale.
+        """Logits (B, K, *out_size) of a normalised test image (B, 3, h, w) at one test scale.
 
         `model(x)` must return logits at the size of `x` (the segmentor's forward). The logits are
         first at the input size and only then resized to `out_size` (the original image size).
@@ -68,18 +103,63 @@ class Inference:
         logits = model(img) if self.mode == "whole" else self._slide(model, img)
         return logits if out_size is None else resize(logits, out_size)
 
+    def probs(self, model: nn.Module, imgs: Sequence[Tensor], out_size: Sequence[int]) -> Tensor:
+        """Mean softmax probabilities (B, K, *out_size) over the test views.
+
+        `imgs` holds the image at each scale of `resizes`; with `flip` every scale also runs
+        flipped and its probabilities are flipped back. Views are summed scale by scale, the
+        flipped one after the plain one, then divided by their number (mmseg's `aug_test`).
+        """
+        if len(imgs) != len(self.ratios):
+            raise ValueError(f"got {len(imgs)} images for {len(self.ratios)} test scales")
+        total: Tensor | None = None
+        for img in imgs:
+            for flipped in (False, True) if self.flip else (False,):
+                x = img.flip(-1) if flipped else img
+                p = torch.softmax(self.logits(model, x, out_size), dim=1)
+                p = p.flip(-1) if flipped else p
+                total = p if total is None else total + p
+        assert total is not None
+        return total / (len(imgs) * (2 if self.flip else 1))
+
+    def predict(
+        self,
+        model: nn.Module,
+        imgs: Sequence[Tensor],
+        out_size: Sequence[int],
+        confidence: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B, H, W) predicted train ids and, if asked, their softmax probability (B, H, W).
+
+        One view: argmax of its logits. Several (test-time augmentation): argmax of the mean
+        probabilities of `probs`.
+        """
+        if self.augmented:
+            conf, ids = self.probs(model, imgs, out_size).max(dim=1)
+            return ids, conf if confidence else None
+        logits = self.logits(model, imgs[0], out_size)
+        conf = torch.softmax(logits, dim=1).amax(dim=1) if confidence else None
+        return logits.argmax(dim=1), conf
+
     def _slide(self, model: nn.Module, img: Tensor) -> Tensor:
         """Average the logits of overlapping windows; the last window in each direction is moved
-        back so that it ends at the image border (every pixel is covered at least once)."""
+        back so that it ends at the image border (every pixel is covered at least once). Windows
+        run `window_batch` at a time (all windows have the same size)."""
         b, _, h, w = img.shape
+        boxes = [
+            (y0, y1, x0, x1)
+            for y0, y1 in window_spans(h, self.crop_size[0], self.stride[0])
+            for x0, x1 in window_spans(w, self.crop_size[1], self.stride[1])
+        ]
         logits: Tensor | None = None
         count = img.new_zeros((1, 1, h, w))
-        for y0, y1 in window_spans(h, self.crop_size[0], self.stride[0]):
-            for x0, x1 in window_spans(w, self.crop_size[1], self.stride[1]):
-                out = model(img[:, :, y0:y1, x0:x1])
-                if logits is None:
-                    logits = img.new_zeros((b, out.shape[1], h, w))
-                logits[:, :, y0:y1, x0:x1] += out
+        for i in range(0, len(boxes), self.window_batch):
+            chunk = boxes[i : i + self.window_batch]
+            out = model(torch.cat([img[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk]))
+            if logits is None:
+                logits = img.new_zeros((b, out.shape[1], h, w))
+            for k, (y0, y1, x0, x1) in enumerate(chunk):
+                logits[:, :, y0:y1, x0:x1] += out[k * b : (k + 1) * b]
                 count[:, :, y0:y1, x0:x1] += 1
         assert logits is not None
         return logits / count

@@ -258,8 +258,8 @@ class UDAModule(pl.LightningModule):
     def _eval_step(self, batch: dict[str, Tensor], metric: SegMetric) -> None:
         """Student only (the shadow branch, §3.3) under the test protocol, at label size (§3.2)."""
         label = batch["label"]
-        logits = self.inference.logits(self.model, batch["img"], out_size=label.shape[-2:])
-        metric.update(logits.argmax(1), label)
+        ids, _ = self.inference.predict(self.model, [batch["img"]], label.shape[-2:])
+        metric.update(ids, label)
 
     def on_validation_epoch_end(self) -> None:
         self.val_results = self._log_metric("val", self.val_metric)

@@ -43,8 +43,7 @@ from typing import Any
 
 import torch
 
-from ssr.data.prepare import prepare_cityscapes, prepare_gta5
-from ssr.data.synthetic import generate
+from ssr.data.synthetic import generate_prepared
 from ssr.errors import UserError
 from ssr.io import atomic_write_json
 from ssr.report import Group, read_run
@@ -83,17 +82,6 @@ DEFAULT = ["source_only", "daformer", "mic", "ssr", "mic_ssr", "oracle"]
 
 class BenchmarkError(UserError):
     """A run failed; the message names it and its log."""
-
-
-def ensure_data(data: Path) -> dict[str, Any]:
-    """Synthetic set generated and prepared (idempotent); returns its generator settings."""
-    generate(data)
-    gta, cityscapes = data / "gta", data / "cityscapes"
-    if not (gta / "sample_class_stats.json").is_file():
-        prepare_gta5(gta, nproc=1)
-    if not any((cityscapes / "gtFine").glob("val/*/*_gtFine_labelTrainIds.png")):
-        prepare_cityscapes(cityscapes, nproc=1)
-    return json.loads((data / "synthetic.json").read_text())
 
 
 def oracle_view(cityscapes: Path, out: Path) -> Path:
@@ -240,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OMP_NUM_THREADS"] = "1"  # tiny tensors: extra threads only contend
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-    data_settings = ensure_data(args.data)
+    generate_prepared(args.data)
+    data_settings = json.loads((args.data / "synthetic.json").read_text())
     oracle = oracle_view(args.data / "cityscapes", args.log_dir / "oracle_source")
     report: dict[str, Any] = {"results": {}}
     if args.out.is_file():  # extend a report of the same step budget

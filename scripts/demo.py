@@ -29,8 +29,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from ssr.data.prepare import prepare_cityscapes, prepare_gta5
-from ssr.data.synthetic import generate
+from ssr.data.synthetic import generate_prepared
 from ssr.errors import UserError
 from ssr.io import atomic_write_text
 from ssr.run.cli import cli
@@ -58,21 +57,6 @@ console = Console()
 
 class DemoError(UserError):
     """A demo step failed; the message says which one and where its log is."""
-
-
-def ensure_data(data: Path) -> None:
-    """Generate the synthetic set if absent and write its train-id labels + RCS statistics."""
-    if generate(data, progress=True):
-        console.print(f"[green]wrote the synthetic dataset to {data}")
-    gta, cityscapes = data / "gta", data / "cityscapes"
-    raw = len(list((gta / "labels").glob("*[0-9].png")))
-    if not (gta / "sample_class_stats.json").is_file() or raw != len(
-        list((gta / "labels").glob("*_labelTrainIds.png"))
-    ):
-        prepare_gta5(gta, nproc=min(2, os.cpu_count() or 1))
-    ids = list((cityscapes / "gtFine").glob("*/*/*_gtFine_labelIds.png"))
-    if len(ids) != len(list((cityscapes / "gtFine").glob("*/*/*_gtFine_labelTrainIds.png"))):
-        prepare_cityscapes(cityscapes, nproc=min(2, os.cpu_count() or 1))
 
 
 def train(experiment: str, data: Path, run_dir: Path) -> tuple[dict, float]:
@@ -138,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     start = time.perf_counter()
     data, out = args.data.absolute(), args.out.absolute() / time.strftime("%Y-%m-%d_%H-%M-%S")
-    ensure_data(data)
+    if generate_prepared(data, nproc=min(2, os.cpu_count() or 1), progress=True):
+        console.print(f"[green]wrote the synthetic dataset to {data}")
     status = dict.fromkeys(RUNS, "queued")
     results: dict[str, tuple[dict, float]] = {}
 

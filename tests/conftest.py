@@ -38,12 +38,10 @@ def shared_fixtures() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small prepared synthetic domain-shift dataset (GTA5 + Cityscapes format), built once."""
-    from ssr.data import prepare, synthetic
+    from ssr.data.synthetic import generate_prepared
 
     root = tmp_path_factory.mktemp("synthetic")
-    synthetic.generate(root, num_source=8, num_target_train=4, num_target_val=2)
-    prepare.prepare_gta5(root / "gta", nproc=1)
-    prepare.prepare_cityscapes(root / "cityscapes", nproc=1)
+    generate_prepared(root, num_source=8, num_target_train=4, num_target_val=2)
     return root
 
 

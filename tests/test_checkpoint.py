@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import IO
 
@@ -10,13 +11,14 @@ import torch
 from torch import nn
 
 from ssr.data.labels import CLASSES
+from ssr.io import WriteError
 from ssr.model import DAFormerHead, Segmentor, build_mit
 from ssr.model.checkpoint import (
     CheckpointError,
     export_segmentor,
     load_backbone_weights,
+    load_segmentor,
     load_segmentor_weights,
-    read_model_config,
 )
 from ssr.model.mit import MIT_VARIANTS
 
@@ -170,7 +172,12 @@ def test_truncated_and_missing_files(tmp_path: Path, work_dir_ckpt: Path) -> Non
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"empty.pth: not a readable checkpoint"):
-        read_model_config(empty)
+        load_segmentor(empty, TINY_CONFIG)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(bytes(range(256)) * 4)  # random bytes: one line, no torch advice
+    with pytest.raises(CheckpointError) as info:
+        load_segmentor(garbage, TINY_CONFIG)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
     with pytest.raises(CheckpointError, match=r"nowhere.pth: checkpoint not found"):
         load_segmentor_weights(tiny_segmentor(0), tmp_path / "nowhere.pth")
 
@@ -198,7 +205,8 @@ def test_lightning_checkpoint(tmp_path: Path, student: dict, teacher: dict) -> N
     assert_loaded(model, student)
     assert load_segmentor_weights(model, path, which="teacher") == "lightning"
     assert_loaded(model, teacher)
-    assert read_model_config(path) == TINY_CONFIG
+    loaded, config, fmt = load_segmentor(path, {})  # the stored config, not the one passed
+    assert (config, fmt) == (TINY_CONFIG, "lightning") and not loaded.training
 
 
 def test_export_round_trip(tmp_path: Path) -> None:
@@ -212,7 +220,7 @@ def test_export_round_trip(tmp_path: Path) -> None:
     model = tiny_segmentor(0)
     assert load_segmentor_weights(model, path) == "export"
     assert_loaded(model, source.state_dict())
-    assert read_model_config(path) == TINY_CONFIG
+    assert load_segmentor(path, {})[1] == TINY_CONFIG
     with pytest.raises(CheckpointError, match="holds no teacher"):
         load_segmentor_weights(model, path, which="teacher")
 
@@ -225,10 +233,10 @@ def test_export_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
     def crash(obj: object, f: IO[bytes]) -> None:
         f.write(b"half")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match=r"no space left on device at .*model\.pt; the previous"):
         export_segmentor(tiny_segmentor(6), path, TINY_CONFIG, meta={})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,14 @@ def test_wheel_ships_its_configs_and_runs_from_another_directory(tmp_path: Path)
     `experiment=mic_ssr` and answer `--help` from a directory far from the repository."""
     wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
+    source = tmp_path / "source"  # a copy: building writes build/ and egg-info into its folder
+    skip = shutil.ignore_patterns("*.egg-info", "__pycache__")
+    shutil.copytree(PROJECT_ROOT / "src", source / "src", ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), "."]
-    subprocess.run(build, cwd=PROJECT_ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run(build, cwd=source, check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("ssr-*.whl")
     install = [*pip, "install", "--no-deps", "--target", str(target), str(wheel)]
     subprocess.run(install, check=True, capture_output=True, timeout=300)

@@ -3,6 +3,7 @@ bit-exact continuation in-process and after a SIGKILL of `python -m ssr.train`."
 
 from __future__ import annotations
 
+import errno
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
-from ssr.io import atomic_torch_save
+from ssr.io import WriteError, atomic_torch_save
 from ssr.run.resume import ResumeError, resolve_ckpt_path
 from ssr.run.rng import RNGStateCallback
 from ssr.run.trainer import AtomicCheckpointIO
@@ -44,7 +45,7 @@ class FailsToPickle:
     """Stands for a write that dies half-way (disk full, kill): pickling it raises."""
 
     def __reduce__(self) -> Any:
-        raise OSError("No space left on device (simulated)")
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
 
 
 def test_failed_save_keeps_previous_checkpoint_and_no_temp_file(tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ def test_failed_save_keeps_previous_checkpoint_and_no_temp_file(tmp_path: Path) 
     io = AtomicCheckpointIO()
     io.save_checkpoint({"step": 1, "w": torch.full((1000,), 1.0)}, path)
     # The tensor is serialised before the failing entry: a direct write would leave a torn file.
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(WriteError, match=r"no space left on device at .*last\.ckpt; the previous"):
         io.save_checkpoint({"w": torch.full((100_000,), 2.0), "boom": FailsToPickle()}, path)
     ckpt = load(path)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.full((1000,), 1.0))

@@ -1,4 +1,5 @@
-"""The one base class of every error a user can fix from the command line.
+"""The one base class of every error a user can fix from the command line, and the config checks
+that raise them.
 
 Each CLI prints such an error as one line on stderr and exits with status 2
 (`ssr.run.cli.cli`); any other exception is a bug and keeps its traceback.
@@ -6,6 +7,27 @@ Each CLI prints such an error as one line on stderr and exits with status 2
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class UserError(Exception):
     """Bad input (a path, a file, a setting); the message names it and says how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (wrong type, out of range, unknown name)."""
+
+
+def int_setting(value: Any, name: str, minimum: int) -> int:
+    """A config integer checked where it is given (`name` is its config key), not deep in a run."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def pair_setting(value: Any, name: str) -> tuple[int, int]:
+    """Two positive config integers, e.g. a (height, width) or a (long, short) scale."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise ConfigError(f"{name}={value!r} must be two positive integers")
+    return int_setting(value[0], f"{name}[0]", 1), int_setting(value[1], f"{name}[1]", 1)

@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader
 
 from ssr import CONF_PATH
 from ssr.data.datasets import CityscapesDataset, TestTimeViews, read_label
+from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr.errors import UserError
-from ssr.io import atomic_write_json
+from ssr.io import atomic_write_json, find_files
 from ssr.metrics import SegMetric, iou_table
 from ssr.model.checkpoint import load_segmentor
 from ssr.model.inference import Inference
@@ -101,7 +102,7 @@ def evaluate_predictions(
         )
     gts = _label_files(Path(gt_root), split)
     preds: dict[str, Path] = {}
-    for path in sorted(pred_dir.rglob(f"*{PRED_SUFFIX}")):
+    for path in find_files(pred_dir, f"*{PRED_SUFFIX}"):
         stem = frame_stem(path.name, PRED_SUFFIX)
         if stem in preds:
             raise EvalInputError(
@@ -127,6 +128,12 @@ def evaluate_predictions(
             raise EvalInputError(
                 f"{preds[stem]} is {pred.shape[::-1]} (W, H) but its ground truth {gt_path} is "
                 f"{gt.shape[::-1]}: predictions must be single-channel train ids at label size"
+            )
+        bad = (pred >= NUM_CLASSES) & (pred != IGNORE_INDEX)
+        if bad.any():
+            raise EvalInputError(
+                f"{preds[stem]} holds value {int(pred[bad][0])}, not a train id (0..18 or 255): "
+                "it looks like Cityscapes label ids; score *_trainIds.png predictions"
             )
         metric.update(
             torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt.astype(np.int64))
@@ -183,7 +190,7 @@ def _read_prediction(path: Path) -> np.ndarray:
 def _label_files(gt_root: Path, split: str) -> dict[str, Path]:
     """Cityscapes stem -> `gtFine/<split>/**/*_gtFine_labelTrainIds.png`, sorted."""
     folder = gt_root / "gtFine" / split
-    files = sorted(folder.rglob(f"*{GT_SUFFIX}"))
+    files = find_files(folder, f"*{GT_SUFFIX}")
     if not files:
         raise EvalInputError(
             f"no *{GT_SUFFIX} under {folder}; point gt_root at a Cityscapes-format root "

@@ -46,10 +46,17 @@ def export(
     fmt = ("onnx" if Path(out).suffix == ".onnx" else "torch") if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise ExportError(f"format={fmt}; choose one of auto, {', '.join(FORMATS)}")
+    if (fmt == "onnx") != (Path(out).suffix == ".onnx"):  # eval/predict pick loaders by suffix
+        raise ExportError(
+            f"format={fmt} but out={out}: ssr.eval and ssr.predict read *.onnx files as ONNX "
+            "models and anything else as PyTorch files; name the file accordingly"
+        )
+    if Path(out).is_dir():  # before loading and tracing, not after
+        raise ExportError(f"out={out} is a folder; name the file to write, e.g. {out}/model.pt")
     segmentor, config, source_format = load_segmentor(ckpt_path, model_cfg, "cpu")
     if source_format == "onnx":
         raise CheckpointError(f"{ckpt_path} is already an exported ONNX model")
-    meta = {"source": str(Path(ckpt_path).resolve()), "source_format": source_format}
+    meta = {"source": Path(ckpt_path).name, "source_format": source_format}  # no local paths
     meta["network"] = "student"
     stats: dict[str, Any] = {"params": sum(p.numel() for p in segmentor.parameters())}
     if fmt == "onnx":

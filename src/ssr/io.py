@@ -8,6 +8,7 @@ every weight file is read with `weights_only=True` and checked key for key.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import uuid
@@ -20,6 +21,10 @@ from ssr.errors import UserError
 _SHOW = 5  # how many key names an error message lists
 
 
+class WriteError(UserError):
+    """A file cannot be written (folder, permissions, full disk); the old file is untouched."""
+
+
 class CheckpointError(UserError):
     """A weight file is missing, unreadable, of an unknown layout, or does not fit the model."""
 
@@ -30,28 +35,39 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], durable: b
 
     A kill or an error at any point leaves either the old file or the new one, never a torn file;
     the temporary file is removed on failure (KeyboardInterrupt included). `durable` also fsyncs
-    the file and its folder, so the rename survives a power loss (checkpoints, exports); bulk
-    writers of small files that can be regenerated (labels, synthetic images) skip it.
+    the file and its folder, so the rename survives a power loss, and removes the temporaries of
+    earlier killed writers of `path` (checkpoints, exports: few files per folder). Bulk writers of
+    small files that can be regenerated (labels, synthetic images) skip both; they sweep their
+    folders once with `remove_stale_temps_in`. Any OS failure is one `WriteError` line.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open applies the umask (mkstemp would create a 0600 file).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder; name a file", str(path))
+        # os.open applies the umask (mkstemp would create a 0600 file).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise WriteError(
+                f"no space left on device at {path}; the previous {path.name}, if any, is intact"
+            ) from err
+        raise WriteError(f"cannot write {path}: {err.strerror or err}") from err
     if durable:
         _fsync_dir(path.parent)
-    remove_stale_temps(path)
+        remove_stale_temps(path)
 
 
 def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
@@ -81,10 +97,21 @@ def _fsync_dir(directory: Path) -> None:
 def remove_stale_temps(path: Path) -> None:
     """Delete the temporary files of `path` that killed writers left behind (their pid is gone)."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 :].split(".")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        _remove_if_stale(tmp)
+
+
+def remove_stale_temps_in(folder: Path) -> None:
+    """Delete every temporary file in `folder` whose writer was killed (one pass per folder)."""
+    for tmp in folder.glob(".*.tmp"):
+        _remove_if_stale(tmp)
+
+
+def _remove_if_stale(tmp: Path) -> None:
+    parts = tmp.name.split(".")  # "", name parts..., pid, hex, "tmp"
+    pid = parts[-3] if len(parts) >= 4 else ""
+    if pid.isdigit() and not _pid_alive(int(pid)):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -95,6 +122,26 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---------------------------------------------------------------------------------- finding
+def find_files(root: str | Path, pattern: str) -> list[Path]:
+    """Files under `root` (at any depth) whose name matches `pattern`, sorted.
+
+    Symbolic links to folders are followed (linked city folders are a common way to assemble
+    dataset subsets; `Path.rglob` skips them), each real folder once, so a link loop ends.
+    """
+    import fnmatch
+
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        found += [Path(folder) / f for f in fnmatch.filter(files, pattern)]
+    return sorted(found)
 
 
 # -------------------------------------------------------------------------------- reading

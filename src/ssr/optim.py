@@ -6,10 +6,12 @@ Reproduces mmcv's `DefaultOptimizerConstructor` custom keys by substring of the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
+
+from ssr.errors import ConfigError
 
 
 def param_groups(
@@ -66,3 +68,26 @@ def poly_warmup_factor(
     if step < warmup_steps:
         factor *= 1.0 - (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
     return factor
+
+
+# (key, the smallest value that works, whether the key must be an integer)
+_OPTIM_RANGES = (
+    ("lr", 0.0, False),
+    ("weight_decay", 0.0, False),
+    ("head_lr_mult", 0.0, False),
+    ("warmup_steps", 0, True),
+    ("warmup_ratio", 0.0, False),
+    ("power", 0.0, False),
+)
+
+
+def check_optim_config(optim: Mapping[str, Any]) -> None:
+    """Type and range of the `optim` settings, checked when the module is built (not at step 1)."""
+    for key, minimum, integer in _OPTIM_RANGES:
+        value = optim.get(key)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (integer and not isinstance(value, int)) or value < minimum:
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(f"optim.{key}={value!r} must be {kind} >= {minimum}")
+    if optim["lr"] == 0:
+        raise ConfigError("optim.lr=0 would train nothing; the papers use 6e-5")

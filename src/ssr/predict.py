@@ -32,9 +32,9 @@ from torch import nn
 from ssr import CONF_PATH
 from ssr.data.datasets import read_image
 from ssr.data.labels import colorize, train_ids_to_label_ids
-from ssr.data.transforms import test_transform
+from ssr.data.transforms import rescale_size, test_transform
 from ssr.errors import UserError
-from ssr.io import atomic_write
+from ssr.io import atomic_write, find_files
 from ssr.model.checkpoint import load_segmentor
 from ssr.model.inference import Inference
 from ssr.run.cli import cli, resolve_device
@@ -46,6 +46,7 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 # Our own outputs: skipped when a folder is searched, so a second run never segments them.
 OUTPUT_SUFFIXES = ("_trainIds.png", "_color.png", "_overlay.png", "_conf.png", "_labelIds.png")
 ENCODINGS = ("trainid", "cityscapes")
+MIN_SIDE = 32  # the backbone's output stride: a smaller image has no stage-4 feature
 CONF_SCALE = 65535  # <stem>_conf.png holds round(probability * CONF_SCALE) as uint16
 
 
@@ -70,9 +71,17 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, rgb: np.ndarray, confidence: bool = False) -> tuple[np.ndarray, Any]:
         """(H, W) uint8 train ids and, if asked, (H, W) float32 max softmax probability."""
+        resizes = self.inference.resizes(rgb.shape[:2])
+        for r in resizes:
+            h, w = rgb.shape[:2] if r is None else rescale_size(*rgb.shape[:2], r)
+            if min(h, w) < MIN_SIDE:
+                raise PredictInputError(
+                    f"a {rgb.shape[1]}x{rgb.shape[0]} image becomes {w}x{h} at the test scale: "
+                    f"too small for the network (at least {MIN_SIDE} pixels a side)"
+                )
         imgs = [
             test_transform(r)(image=rgb)["image"].float().unsqueeze(0).to(self.device)
-            for r in self.inference.resizes(rgb.shape[:2])
+            for r in resizes
         ]
         ids, conf = self.inference.predict(self.segmentor, imgs, rgb.shape[:2], confidence)
         ids_np = ids[0].to(torch.uint8).cpu().numpy()
@@ -92,12 +101,13 @@ def predict_images(
     encoding: str = "trainid",
 ) -> list[Path]:
     """Segment each (image, output folder) pair; returns the written files."""
-    if encoding not in ENCODINGS:
-        raise PredictInputError(f"encoding={encoding}; choose one of {', '.join(ENCODINGS)}")
     written = []
     for image_path, out_dir in _progress(inputs, "Predicting", len(inputs)):
         rgb = read_image(image_path)
-        train_ids, conf = predictor.predict(rgb, confidence)
+        try:
+            train_ids, conf = predictor.predict(rgb, confidence)
+        except PredictInputError as err:
+            raise PredictInputError(f"{image_path}: {err}") from err
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = image_path.stem
         outputs = {
@@ -152,7 +162,7 @@ def collect_images(input_path: Path, output_dir: Path) -> list[tuple[Path, Path]
         return [(input_path, output_dir)]
     images = sorted(
         p
-        for p in input_path.rglob("*")
+        for p in find_files(input_path, "*")
         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(OUTPUT_SUFFIXES)
     )
     if not images:
@@ -177,6 +187,12 @@ def run(cfg: DictConfig) -> list[Path]:
             f"videos: {', '.join(VIDEO_SUFFIXES)}"
         )
     is_video = input_path.is_file() and suffix in VIDEO_SUFFIXES
+    if cfg.encoding not in ENCODINGS:
+        raise PredictInputError(f"encoding={cfg.encoding}; choose one of {', '.join(ENCODINGS)}")
+    if is_video and (cfg.confidence or cfg.encoding != "trainid"):
+        raise PredictInputError(
+            "confidence and encoding apply to images; a video gives <stem>_overlay.mp4 only"
+        )
     output_dir = Path(cfg.output_dir)
     # Inputs are listed before the (possibly large) checkpoint is read, so mistakes fail fast.
     inputs = [] if is_video else collect_images(input_path, output_dir)

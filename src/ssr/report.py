@@ -27,7 +27,7 @@ from rich.table import Table
 
 from ssr.data.labels import CLASSES
 from ssr.errors import UserError
-from ssr.io import atomic_write_text
+from ssr.io import atomic_write_text, find_files
 from ssr.run.cli import cli
 
 METRICS_FILE = "metrics.json"
@@ -142,7 +142,7 @@ def collect(sweep_dir: Path, ignore: Sequence[str] = ("seed",)) -> list[Group]:
     """Every run under `sweep_dir`, grouped; groups and runs in (natural) directory order."""
     if not sweep_dir.is_dir():
         raise ReportError(f"{sweep_dir} is not a directory; pass a Hydra multirun folder")
-    paths = sorted(sweep_dir.rglob(METRICS_FILE), key=lambda p: _natural_key(p.parent))
+    paths = sorted(find_files(sweep_dir, METRICS_FILE), key=lambda p: _natural_key(p.parent))
     if not paths:
         raise ReportError(
             f"no {METRICS_FILE} under {sweep_dir}; pass the multirun folder of finished runs "

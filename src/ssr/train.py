@@ -6,22 +6,30 @@ The composition root: each config group builds one object, wired here in a few e
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from ssr import CONF_PATH
+from ssr.errors import ConfigError, int_setting
 from ssr.io import atomic_write_json
 from ssr.metrics import iou_table
 from ssr.run.cli import cli
-from ssr.run.resume import hydra_overrides, resolve_ckpt_path
+from ssr.run.preemption import RunStopped
+from ssr.run.resume import (
+    StoreRunConfig,
+    check_resume,
+    hydra_overrides,
+    latest_hpc_path,
+    resolve_ckpt_path,
+)
 from ssr.run.trainer import build_trainer
 from ssr.uda.module import UDAModule
 
@@ -51,24 +59,29 @@ def build_module(cfg: DictConfig) -> UDAModule:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build data, model, UDA module and trainer from `cfg`, fit, then test the final student."""
+    _check_run_settings(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
 
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # scan the datasets first: a bad layout fails before any model is built
     module = build_module(cfg)
+    _check_crop_rows(cfg, module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(StoreRunConfig(config))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     for lg in loggers:  # the resolved config with the run (wandb config, CSV hparams.yaml)
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams(config)
     trainer = build_trainer(cfg, callbacks, loggers)
     _print_summary(cfg, module, trainer, datamodule)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt(cfg.ckpt_path, output_dir))
-    if trainer.global_step < trainer.max_steps:  # pre-empted (SIGUSR1) or interrupted (Ctrl-C)
-        log.warning(f"stopped at step {trainer.global_step}; resume with ckpt_path=auto or last")
-        return {}
+    resume = _resolve_ckpt(cfg.ckpt_path, output_dir) or latest_hpc_path(output_dir)
+    if resume is not None:
+        _check_resume(resume, config, module)
+    # A signal (pre-emption, Ctrl-C) ends fit with RunStopped after saving; `main` reports it.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     metrics: dict[str, Any] = {
         k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
     }
@@ -81,6 +94,35 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             Console().print(iou_table(result, title=f"{cfg.task_name}: final student, target val"))
             metrics["test/mIoU"] = result["mIoU"]
     return metrics
+
+
+def _check_run_settings(cfg: DictConfig) -> None:
+    """Top-level settings that would only fail (or silently do nothing) deep inside fit."""
+    for key, minimum in (("seed", 0), ("trainer.max_steps", 1)):
+        int_setting(OmegaConf.select(cfg, key), key, minimum)
+
+
+def _check_crop_rows(cfg: DictConfig, module: UDAModule) -> None:
+    """The pseudo-label crop must leave rows of the target crop to learn from."""
+    teacher, height = module.teacher, int(cfg.data.crop_size[0])
+    if teacher is not None and teacher.ignore_top + teacher.ignore_bottom >= height:
+        raise ConfigError(
+            f"uda.teacher.ignore_top + ignore_bottom = {teacher.ignore_top} + "
+            f"{teacher.ignore_bottom} rows cover the whole {height}-row target crop "
+            "(data.crop_size): no pseudo-label would count; lower them"
+        )
+
+
+def _check_resume(path: str | Path, config: dict, module: UDAModule) -> None:
+    changed = check_resume(path, config, module)
+    log.info(f"resuming from {path}")
+    if changed:
+        shown = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+        log.warning(
+            f"this run's settings differ from the checkpoint's in {shown}; the weights, the "
+            "optimiser and learning-rate schedule state, the step and the data stream come from "
+            "the checkpoint (changed optim.* values have no effect), the rest from this run"
+        )
 
 
 def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -128,8 +170,15 @@ def _describe_uda(module: UDAModule) -> str:
 @hydra.main(config_path=CONF_PATH, config_name="train", version_base="1.3")
 @cli
 def main(cfg: DictConfig) -> float | None:
-    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except RunStopped as stop:
+        what = "requeued" if stop.requeued else f"exit status {stop.exit_code}"
+        log.warning(
+            f"stopped early ({what}): {stop}; resume with ckpt_path=auto and the same "
+            f"hydra.run.dir={cfg.paths.output_dir}, or ckpt_path={stop.path}"
+        )
+        sys.exit(stop.exit_code)
     value = metrics.get(cfg.optimized_metric)
     return None if value is None else float(value)
 

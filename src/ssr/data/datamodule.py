@@ -24,9 +24,15 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from ssr.data.datasets import CityscapesDataset, GTA5Dataset
+from ssr.data.datasets import CityscapesDataset, GTA5Dataset, image_size
 from ssr.data.rcs import RareClassSampler
-from ssr.data.transforms import source_train_transform, target_train_transform, test_transform
+from ssr.data.transforms import (
+    rescale_size,
+    source_train_transform,
+    target_train_transform,
+    test_transform,
+)
+from ssr.errors import ConfigError, int_setting, pair_setting
 
 
 @dataclass(frozen=True)
@@ -160,11 +166,16 @@ class InfiniteIndexSampler(Sampler[int]):
             yield index
 
 
-def _pair(value: Sequence[int], name: str) -> tuple[int, int]:
-    pair = tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"data.{name} must be two positive ints, got {list(value)}")
-    return pair  # type: ignore[return-value]
+def _check_crop_fits(dataset: Any, resize: tuple[int, int], crop: tuple[int, int]) -> None:
+    """A training crop larger than the resized images would train on padding: refuse it."""
+    height, width = image_size(dataset.images[0])
+    rh, rw = rescale_size(height, width, resize)
+    if crop[0] > rh or crop[1] > rw:
+        raise ConfigError(
+            f"data.crop_size {list(crop)} is larger than the resized images of {dataset.root} "
+            f"({width}x{height} -> {rw}x{rh} by the resize {list(resize)}); use a smaller crop "
+            "or a larger resize"
+        )
 
 
 class UDADataModule(LightningDataModule):
@@ -180,7 +191,8 @@ class UDADataModule(LightningDataModule):
     Args:
         source_root: GTA5 root (images/, labels/ with *_labelTrainIds.png, RCS json files).
         target_root: Cityscapes root (leftImg8bit/, gtFine/ with *_labelTrainIds.png).
-        source_resize, target_resize, test_resize: keep-ratio (long, short) scales (§4.1, §3.2).
+        source_resize, target_resize, test_resize: keep-ratio (long, short) scales (§4.1, §3.2);
+            test_resize None keeps the val images' size.
         crop_size: (height, width) of both training crops.
         cat_max_ratio: source crop class-ratio limit (the target never uses one).
         rcs: rare class sampling parameters (``RCSConfig`` fields) or None for uniform sampling.
@@ -198,7 +210,7 @@ class UDADataModule(LightningDataModule):
         target_resize: Sequence[int] = (1024, 512),
         crop_size: Sequence[int] = (512, 512),
         cat_max_ratio: float = 0.75,
-        test_resize: Sequence[int] = (1024, 512),
+        test_resize: Sequence[int] | None = (1024, 512),
         batch_size: int = 2,
         num_workers: int = 4,
         rcs: Mapping[str, float] | RCSConfig | None = None,
@@ -209,12 +221,15 @@ class UDADataModule(LightningDataModule):
     ):
         super().__init__()
         self.source_root, self.target_root = str(source_root), str(target_root)
-        self.source_resize = _pair(source_resize, "source_resize")
-        self.target_resize = _pair(target_resize, "target_resize")
-        self.crop_size = _pair(crop_size, "crop_size")
-        self.test_resize = _pair(test_resize, "test_resize")
+        self.source_resize = pair_setting(source_resize, "data.source_resize")
+        self.target_resize = pair_setting(target_resize, "data.target_resize")
+        self.crop_size = pair_setting(crop_size, "data.crop_size")
+        self.test_resize = (
+            None if test_resize is None else pair_setting(test_resize, "data.test_resize")
+        )
         self.cat_max_ratio = cat_max_ratio
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size = int_setting(batch_size, "data.batch_size", 1)
+        self.num_workers = int_setting(num_workers, "data.num_workers", 0)
         self.rcs_config = rcs if isinstance(rcs, RCSConfig) or rcs is None else RCSConfig(**rcs)
         self.val_split, self.with_target = val_split, with_target
         self.align_label_to_image = align_label_to_image
@@ -227,13 +242,15 @@ class UDADataModule(LightningDataModule):
         self._consumed: int | None = None  # samples training has seen, from batch indices
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets; every layout problem surfaces here as a DatasetError."""
+        """Build the datasets; every layout problem surfaces here as a DatasetError, before any
+        training (val pairs included: their headers are checked, not only at validation)."""
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._build_train_set()
         if self.val_set is None:
             self.val_set = CityscapesDataset(
                 self.target_root, self.val_split, test_transform(self.test_resize), label=True
             )
+            self.val_set.check_pairs()
 
     def _build_train_set(self) -> UDATrainDataset:
         source = GTA5Dataset(
@@ -249,6 +266,9 @@ class UDADataModule(LightningDataModule):
                 target_train_transform(self.target_resize, self.crop_size),
                 label=False,
             )
+        for dataset, resize in ((source, self.source_resize), (target, self.target_resize)):
+            if dataset is not None:
+                _check_crop_fits(dataset, resize, self.crop_size)
         if self.seed is None:
             self.seed = torch.initial_seed()  # the global seed after seed_everything
         if self.rcs_config is not None:

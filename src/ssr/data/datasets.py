@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr.data.transforms import test_transform
 from ssr.errors import UserError
+from ssr.io import find_files
 from ssr.model.inference import Inference
 
 Transform = Callable[..., dict[str, Any]]
@@ -32,14 +33,39 @@ class DatasetError(UserError, RuntimeError):
 
 
 def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB image; raises DatasetError for a missing or undecodable file."""
+    """(H, W, 3) uint8 RGB image; raises DatasetError for a missing or undecodable file.
+
+    OpenCV refuses a truncated PNG but decodes a truncated JPEG with a grey lower part, so a JPEG
+    must end with its end-of-image marker (looked for in the file's last kilobyte).
+    """
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
+    if img is None or (Path(path).suffix.lower() in JPEG_SUFFIXES and not _jpeg_complete(path)):
         raise DatasetError(
             f"cannot read image {path} (missing, truncated or not an image); "
             "restore it from the dataset archive or delete it"
         )
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+def _jpeg_complete(path: Path) -> bool:
+    """Whether the JPEG's end-of-image marker FF D9 is there (entropy-coded data never holds
+    it: 0xFF bytes in it are stuffed); trailing padding after it is allowed."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(f.tell() - 1024, 0))
+        return b"\xff\xd9" in f.read()
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image from its header alone (a cheap start-up check)."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, UnidentifiedImageError) as err:
+        raise DatasetError(f"cannot read image {path} ({type(err).__name__}); restore it") from err
 
 
 def read_label(path: Path) -> np.ndarray:
@@ -214,7 +240,7 @@ class CityscapesDataset(_SegmentationFiles):
                 f"Cityscapes root {self.root} has no leftImg8bit/{split}/ folder; "
                 f"it must hold {layout}"
             )
-        self.images = sorted(image_dir.rglob("*_leftImg8bit.png"))
+        self.images = find_files(image_dir, "*_leftImg8bit.png")
         if not self.images:
             raise DatasetError(
                 f"no *_leftImg8bit.png images under {image_dir}; expected CITY/*_leftImg8bit.png"
@@ -243,6 +269,26 @@ class CityscapesDataset(_SegmentationFiles):
         relative = image.relative_to(self.root / "leftImg8bit" / self.split)
         stem = relative.name[: -len("_leftImg8bit.png")]
         return self.root / "gtFine" / self.split / relative.parent / f"{stem}_gtFine_{kind}.png"
+
+    def check_pairs(self) -> None:
+        """Every image/label pair readable and of one size, from headers and a checksum pass
+        over the labels (no decoding): a bad val file fails at start-up, not after training."""
+        assert self.labels is not None
+        for image, label in zip(self.images, self.labels, strict=True):
+            try:
+                with Image.open(label) as im:
+                    label_hw = (im.height, im.width)
+                    im.verify()  # PNG chunk checksums: catches a truncated or damaged file
+            except (OSError, UnidentifiedImageError, SyntaxError) as err:
+                raise DatasetError(
+                    f"cannot read label {label} ({type(err).__name__}: truncated or damaged?); "
+                    "re-extract it or re-run python -m ssr.data.prepare"
+                ) from err
+            if image_size(image) != label_hw:
+                (h, w), (lh, lw) = image_size(image), label_hw
+                raise DatasetError(
+                    f"label {label} is {lw}x{lh} but image {image} is {w}x{h}; re-extract the pair"
+                )
 
     def fit_label(self, image: np.ndarray, label: np.ndarray, index: int) -> np.ndarray:
         # Cityscapes has no size quirk; a mismatch would silently shift the full-res metric.

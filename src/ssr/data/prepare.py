@@ -20,19 +20,20 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from rich.progress import track
 
-from ssr.data.labels import NUM_CLASSES, label_ids_to_train_ids
+from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES, label_ids_to_train_ids
 from ssr.errors import UserError
-from ssr.io import atomic_write, atomic_write_json
+from ssr.io import atomic_write, atomic_write_json, remove_stale_temps_in
 from ssr.run.cli import cli
 
 GTA_LABEL_PATTERN = re.compile(r"\d\.png$")  # skips already converted *_labelTrainIds.png
@@ -68,17 +69,41 @@ def _write_png_atomic(array: np.ndarray, path: Path) -> None:
     atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)
 
 
-def convert_label(src: Path, dst: Path) -> np.ndarray:
-    """Write ``dst`` (uint8 train ids) from label-id PNG ``src`` unless it exists; return it."""
-    if dst.is_file():
-        try:
-            with Image.open(dst) as im:
-                return np.asarray(im)
-        except (OSError, UnidentifiedImageError):
-            pass  # unreadable leftover from a foreign tool: rewrite it below
+class Converted(NamedTuple):
+    """One label file's outcome: its train ids, and what the conversion had to say about it."""
+
+    train_ids: np.ndarray
+    rewritten: bool  # an existing output was unusable and has been written anew
+    all_ignore: bool  # every pixel maps to ignore: label ids of another dataset? colours?
+
+
+def convert_label(src: Path, dst: Path) -> Converted:
+    """Write ``dst`` (uint8 train ids) from label-id PNG ``src`` unless a sound one exists.
+
+    An existing ``dst`` is kept only if it is an 8-bit single-channel PNG of ``src``'s size holding
+    train ids (0..18, 255): leftovers of an interrupted or foreign conversion are rewritten, so
+    re-running prepare repairs a dataset (and its RCS statistics).
+    """
+    existed = dst.is_file()
+    existing = _sound_output(src, dst) if existed else None
+    if existing is not None:
+        return Converted(existing, False, not (existing != IGNORE_INDEX).any())
     train_ids = label_ids_to_train_ids(_read_label_ids(src))
     _write_png_atomic(train_ids, dst)
-    return train_ids
+    return Converted(train_ids, existed, not (train_ids != IGNORE_INDEX).any())
+
+
+def _sound_output(src: Path, dst: Path) -> np.ndarray | None:
+    """``dst``'s train ids if it is a valid conversion of ``src``, else None."""
+    try:
+        with Image.open(dst) as out, Image.open(src) as raw:
+            if out.mode != "L" or out.size != raw.size:
+                return None
+            train_ids = np.asarray(out)
+    except (OSError, UnidentifiedImageError, SyntaxError):
+        return None
+    bad = (train_ids >= NUM_CLASSES) & (train_ids != IGNORE_INDEX)
+    return None if bad.any() else train_ids
 
 
 def class_counts(train_ids: np.ndarray) -> dict[int, int]:
@@ -87,13 +112,16 @@ def class_counts(train_ids: np.ndarray) -> dict[int, int]:
     return {c: int(n) for c, n in enumerate(counts) if n > 0}
 
 
-def _gta_job(args: tuple[str, str]) -> tuple[str, dict[int, int]]:
+def _job(args: tuple[str, str]) -> tuple[str, dict[int, int], bool, bool]:
+    """(output, class counts, rewritten, all ignore) of one (source, output) pair."""
     src, dst = Path(args[0]), Path(args[1])
-    return args[1], class_counts(convert_label(src, dst))
+    done = convert_label(src, dst)
+    return args[1], class_counts(done.train_ids), done.rewritten, done.all_ignore
 
 
-def _cityscapes_job(args: tuple[str, str]) -> None:
-    convert_label(Path(args[0]), Path(args[1]))
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the main process (one message instead of one per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run(
@@ -102,12 +130,15 @@ def _run(
     nproc: int,
     description: str,
 ) -> list[Any]:
+    for folder in sorted({Path(dst).parent for _, dst in tasks}):  # an interrupted run's leftovers
+        remove_stale_temps_in(folder)
+
     def progress(results: Iterable[Any]) -> Iterator[Any]:
         return iter(track(results, total=len(tasks), description=description))
 
     if nproc <= 1:
         return list(progress(map(job, tasks)))
-    with Pool(nproc) as pool:
+    with Pool(nproc, initializer=_ignore_sigint) as pool:
         return list(progress(pool.imap(job, tasks, chunksize=8)))
 
 
@@ -133,8 +164,9 @@ def prepare_gta5(root: Path, nproc: int) -> int:
         raise PrepareError(f"no label files NNNNN.png in {label_dir}; extract GTA5's labels there")
     # Stats name files relative to ROOT (matched by base name), so the folder can be moved.
     tasks = [(str(p), str(p.with_name(p.stem + GTA_SUFFIX))) for p in sources]
-    results = _run(_gta_job, tasks, nproc, f"GTA5 labels ({len(tasks)})")
-    per_file = [(str(Path(dst).relative_to(root)), counts) for dst, counts in results]
+    results = _run(_job, tasks, nproc, f"GTA5 labels ({len(tasks)})")
+    _report(results)
+    per_file = [(str(Path(dst).relative_to(root)), counts) for dst, counts, *_ in results]
     stats, stats_dict, with_class = rcs_statistics(per_file)
     atomic_write_json(root / "sample_class_stats.json", stats)
     atomic_write_json(root / "sample_class_stats_dict.json", stats_dict)
@@ -152,8 +184,23 @@ def prepare_cityscapes(root: Path, nproc: int) -> int:
     tasks = [
         (str(p), str(p.with_name(p.name[: -len(CS_IN_SUFFIX)] + CS_OUT_SUFFIX))) for p in sources
     ]
-    _run(_cityscapes_job, tasks, nproc, f"Cityscapes labels ({len(tasks)})")
+    _report(_run(_job, tasks, nproc, f"Cityscapes labels ({len(tasks)})"))
     return len(tasks)
+
+
+def _report(results: list[tuple[str, dict[int, int], bool, bool]]) -> None:
+    """Say which outputs were repaired and which labels hold no evaluated class at all."""
+    rewritten = [dst for dst, _, again, _ in results if again]
+    empty = [dst for dst, _, _, ignore in results if ignore]
+    if rewritten:
+        print(f"rewrote {len(rewritten)} unusable earlier outputs, e.g. {rewritten[0]}")
+    if empty:
+        shown = ", ".join(empty[:3]) + (" ..." if len(empty) > 3 else "")
+        print(
+            f"warning: {len(empty)} labels map every pixel to ignore ({shown}): are they label ids "
+            "of this dataset?",
+            file=sys.stderr,
+        )
 
 
 @cli

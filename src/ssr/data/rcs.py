@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ssr.data.datasets import DatasetError
+from ssr.errors import ConfigError
 
 STATS_FILE = "sample_class_stats.json"
 SAMPLES_FILE = "samples_with_class.json"
@@ -75,7 +76,7 @@ class RareClassSampler:
         seed: int | None = None,
     ):
         if temperature <= 0:
-            raise ValueError(f"RCS temperature must be > 0, got {temperature}")
+            raise ConfigError(f"RCS temperature must be > 0, got {temperature}")
         self.root = Path(root)
         self.temperature, self.min_pixels, self.min_crop_ratio = (
             temperature,

@@ -20,6 +20,7 @@ import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 from ssr.data.labels import IGNORE_INDEX, MEAN, STD
+from ssr.errors import ConfigError
 
 
 def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -43,7 +44,7 @@ class KeepRatioResize(A.DualTransform):
     def __init__(self, scale: tuple[int, int], resize_mask: bool = True, p: float = 1.0):
         super().__init__(p=p)
         if len(scale) != 2 or min(scale) <= 0:
-            raise ValueError(f"resize scale must be two positive ints (long, short), got {scale}")
+            raise ConfigError(f"resize scale must be two positive ints (long, short), got {scale}")
         self.scale = (int(scale[0]), int(scale[1]))
         self.resize_mask = resize_mask
 
@@ -84,9 +85,9 @@ class CatMaxRandomCrop(A.DualTransform):
     ):
         super().__init__(p=p)
         if height <= 0 or width <= 0:
-            raise ValueError(f"crop size must be positive, got {(height, width)}")
+            raise ConfigError(f"crop size must be positive, got {(height, width)}")
         if not 0.0 < cat_max_ratio <= 1.0:
-            raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
+            raise ConfigError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
         self.height, self.width = height, width
         self.cat_max_ratio = cat_max_ratio
         self.ignore_index = ignore_index

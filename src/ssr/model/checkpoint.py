@@ -51,7 +51,6 @@ __all__ = [
     "load_backbone_weights",
     "load_segmentor",
     "load_segmentor_weights",
-    "read_model_config",
 ]
 
 
@@ -84,9 +83,12 @@ def load_segmentor_weights(
 
     `which="teacher"` selects the EMA teacher of a training checkpoint instead of the student.
     """
+    return _load_weights(segmentor, _read(path), path, which)
+
+
+def _load_weights(segmentor: nn.Module, ckpt: dict, path: Any, which: str) -> str:
     if which not in ("student", "teacher"):
         raise ValueError(f"which must be 'student' or 'teacher', got {which!r}")
-    ckpt = _read(path)
     state = {_strip_module(k): v for k, v in _inner_state_dict(ckpt).items()}
     fmt = _guess_format(ckpt, state)
     if fmt is None:
@@ -116,12 +118,6 @@ def load_segmentor_weights(
         )
     load_strict(segmentor, selected, path, f"{which} of a {fmt} checkpoint", _FIT_HINT)
     return fmt
-
-
-def read_model_config(path: str | os.PathLike) -> dict | None:
-    """The Hydra model config stored in our Lightning / export checkpoints, else None."""
-    cfg = _read(path).get("model_config")
-    return cfg if isinstance(cfg, dict) else None
 
 
 def export_segmentor(
@@ -164,8 +160,9 @@ def load_segmentor(
 
         if not Path(ckpt_path).is_file():
             raise CheckpointError(f"{ckpt_path}: ONNX model not found; check the path")
-        return OnnxSegmentor(ckpt_path).to(device).eval(), {}, "onnx"
-    config = read_model_config(ckpt_path)
+        return OnnxSegmentor(ckpt_path, device).eval(), {}, "onnx"
+    ckpt = _read(ckpt_path)  # read once: a training checkpoint holds three networks
+    config = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), dict) else None
     if config is None:
         config = (
             OmegaConf.to_container(model_cfg, resolve=True)
@@ -178,7 +175,7 @@ def load_segmentor(
     if isinstance(config.get("backbone"), dict) and "pretrained" in config["backbone"]:
         config["backbone"]["pretrained"] = None
     segmentor = instantiate(config)
-    fmt = load_segmentor_weights(segmentor, ckpt_path, which="student")
+    fmt = _load_weights(segmentor, ckpt, ckpt_path, "student")
     log.info(f"Loaded the student from {ckpt_path} ({fmt} format)")
     return segmentor.to(device).eval(), config, fmt
 

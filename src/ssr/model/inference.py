@@ -18,16 +18,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ssr.errors import ConfigError, pair_setting
 from ssr.model.segmentor import resize
 
 MODES = ("whole", "slide")
-
-
-def _pair(value: Sequence[int], name: str) -> tuple[int, int]:
-    pair = tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"inference.{name} must be two positive ints, got {list(value)}")
-    return pair  # type: ignore[return-value]
 
 
 class Inference:
@@ -38,7 +32,8 @@ class Inference:
         resize: (long, short) keep-ratio test scale of the image, e.g. (1024, 512); None keeps the
             original size.
         crop_size / stride: (height, width) of the windows and their step; slide mode only.
-        window_batch: windows per forward pass in slide mode (same logits as one at a time).
+        window_batch: windows per forward pass in slide mode (the same logits as one at a time,
+            up to float rounding).
         ratios: test-time scales as ratios of `resize` (of the image's own size without one);
             [1.0] is no multi-scale augmentation.
         flip: also run every scale horizontally flipped (test-time augmentation).
@@ -55,15 +50,15 @@ class Inference:
         flip: bool = False,
     ) -> None:
         if mode not in MODES:
-            raise ValueError(f"unknown inference mode {mode!r}; use one of {MODES}")
+            raise ConfigError(f"unknown inference mode {mode!r}; use one of {MODES}")
         if window_batch < 1:
-            raise ValueError(f"inference.window_batch={window_batch} must be >= 1")
+            raise ConfigError(f"inference.window_batch={window_batch} must be >= 1")
         if not ratios or min(ratios) <= 0:
-            raise ValueError(f"inference.ratios={list(ratios)} must be positive scale ratios")
+            raise ConfigError(f"inference.ratios={list(ratios)} must be positive scale ratios")
         self.mode = mode
-        self.resize = None if resize is None else _pair(resize, "resize")
-        self.crop_size = _pair(crop_size, "crop_size")
-        self.stride = _pair(stride, "stride")
+        self.resize = None if resize is None else pair_setting(resize, "inference.resize")
+        self.crop_size = pair_setting(crop_size, "inference.crop_size")
+        self.stride = pair_setting(stride, "inference.stride")
         self.window_batch = window_batch
         self.ratios = tuple(float(r) for r in ratios)
         self.flip = flip

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from ssr.errors import ConfigError
 from ssr.model.checkpoint import load_backbone_weights
 
 
@@ -211,7 +212,7 @@ def build_mit(
     classifier `head.*` may be extra), see `ssr.model.checkpoint.load_backbone_weights`.
     """
     if variant not in MIT_VARIANTS:
-        raise ValueError(f"unknown MiT variant {variant!r}; choose one of {sorted(MIT_VARIANTS)}")
+        raise ConfigError(f"unknown MiT variant {variant!r}; choose one of {sorted(MIT_VARIANTS)}")
     spec = MIT_VARIANTS[variant]
     model = MixVisionTransformer(
         embed_dims=spec.embed_dims,

@@ -5,8 +5,9 @@ width: the only Python branches on shapes (the head's and the forward's "resize 
 that size") take the same path for every input of at least 32x32 pixels. Fixed: float32 NCHW
 input with 3 mmseg-normalised RGB channels, logits (B, 19, H, W) at the input size. Before the file
 is written, ONNX Runtime runs it on a real-size input and must agree with PyTorch: max |Δlogit|
-<= `tolerance`, and the argmax may differ only at ties (pixels whose top-two PyTorch logits are
-closer than the measured difference). `onnx` and `onnxruntime` are the optional extra `ssr[onnx]`.
+<= `tolerance`, and the argmax may differ only at ties at the precision of the check (pixels whose
+top-two PyTorch logits are no further apart than the measured max |Δlogit|). `onnx` and
+`onnxruntime` are the optional extra `ssr[onnx]`.
 """
 
 from __future__ import annotations
@@ -118,17 +119,17 @@ class OnnxSegmentor(nn.Module):
     """An exported ONNX segmentor behind the segmentor's interface: `forward(x)` gives logits
     (B, K, H, W) at the size of `x`, so `Inference`, `ssr.eval` and `ssr.predict` run it unchanged.
 
-    Runs on ONNX Runtime's CUDA provider when it is available, else on the CPU.
+    `device` "cuda[:i]" runs on ONNX Runtime's CUDA provider on GPU i when it is installed (the
+    inputs and logits then pass through host memory), anything else on the CPU.
     """
 
-    def __init__(self, source: str | os.PathLike | bytes) -> None:
+    def __init__(self, source: str | os.PathLike | bytes, device: str | torch.device = "cpu"):
         super().__init__()
         ort = _require("onnxruntime")
-        providers = [
-            p
-            for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-            if p in ort.get_available_providers()
-        ]
+        device = torch.device(device)
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         name = "the exported model" if isinstance(source, bytes) else str(source)
         try:
             model = source if isinstance(source, bytes) else Path(source).read_bytes()

@@ -1,8 +1,9 @@
 """The command-line convention of every ssr CLI: a user error is one line on stderr and exit 2.
 
 A user error is any `ssr.errors.UserError` (a bad path, file or setting), also when Hydra wraps it
-in an `InstantiationException` because a config node's constructor raised it, and a missing
-mandatory config value (`???`). Anything else is a bug and keeps its traceback.
+in an `InstantiationException` because a config node's constructor raised it or a DataLoader
+worker re-raises it with the worker's traceback, and a missing mandatory config value (`???`).
+Ctrl-C is one line and exit 130. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hydra.errors import InstantiationException
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from ssr.errors import UserError
@@ -30,20 +32,39 @@ def user_error(err: BaseException) -> str | None:
     while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
         cause = cause.__cause__
     if isinstance(cause, UserError):
-        return str(cause)
+        return _own_message(str(cause))
     if isinstance(cause, MissingMandatoryValue):
         return f"{cause.full_key} is required: pass {cause.full_key}=..."
     return None
 
 
+def _own_message(message: str) -> str:
+    """A DataLoader worker's error arrives as "Caught X in DataLoader worker process N. Original
+    Traceback ...": keep the error's own last line, without the `module.Class: ` prefix."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    name, sep, text = last.partition(": ")
+    return text if sep and "Error" in name else last
+
+
 def cli(fn: F) -> F:
-    """Wrap a CLI body: quiet third-party noise, report user errors in one line (exit code 2)."""
+    """Wrap a CLI body: quiet third-party noise, apply a Hydra config's `float32_matmul_precision`,
+    report user errors in one line (exit code 2)."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         quiet_third_party()
+        if args and isinstance(args[0], DictConfig) and "float32_matmul_precision" in args[0]:
+            import torch  # here, not at the top: the argparse CLIs start without torch
+
+            # TF32 for fp32 matmuls on Ampere+ as in training, so eval reproduces the test metric.
+            torch.set_float32_matmul_precision(args[0].float32_matmul_precision)
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("error: interrupted (Ctrl-C); finished outputs are kept", file=sys.stderr)
+            sys.exit(130)
         except Exception as err:
             message = user_error(err)
             if message is None:

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from ssr.data.labels import CLASSES, MEAN, PALETTE, STD, colorize
+from ssr.errors import ConfigError
 from ssr.run.wandb import wandb_loggers
 
 # ------------------------------------------------------------------ tile grids (PIL + numpy)
@@ -221,7 +222,7 @@ class DebugImages(Callback):
         tile_size: int = 192,
     ) -> None:
         if every_n_steps < 1 or max_images < 1 or tile_size < 8:
-            raise ValueError(
+            raise ConfigError(
                 f"DebugImages(every_n_steps={every_n_steps}, max_images={max_images}, "
                 f"tile_size={tile_size}): expected every_n_steps >= 1, max_images >= 1, "
                 "tile_size >= 8"

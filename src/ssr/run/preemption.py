@@ -1,4 +1,12 @@
-"""Pre-emption: save at a step boundary on SIGUSR1/SIGTERM, stop, and requeue the SLURM job."""
+"""Stopping a run on a signal: save at a step boundary, stop at once, requeue on a cluster.
+
+SIGUSR1 (SLURM's `--signal` warning), SIGTERM (pre-emption, `scancel`) and SIGINT (Ctrl-C) all
+save `<run dir>/hpc_ckpt_<n>.ckpt` at the next step boundary and stop without the validation
+Lightning would run on an early stop (it would eat the pre-emption grace time). A SLURM job is
+requeued on SIGUSR1/SIGTERM; `ssr.train` then exits 0 so the scheduler sees a requeue, and
+otherwise 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM), so a stop never looks like
+a finished run. A second Ctrl-C while the step finishes aborts at once.
+"""
 
 from __future__ import annotations
 
@@ -17,21 +25,39 @@ from ssr.run.resume import next_hpc_path
 
 log = logging.getLogger(__name__)
 
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class RunStopped(Exception):
+    """Raised at the step boundary after a signal's checkpoint was saved; ends `trainer.fit`."""
+
+    def __init__(self, signum: signal.Signals | None, path: Path, step: int, requeued: bool):
+        name = signum.name if signum is not None else "a signal on another rank"
+        super().__init__(f"{name} at step {step}: saved {path}")
+        self.signum, self.path, self.step, self.requeued = signum, path, step, requeued
+
+    @property
+    def exit_code(self) -> int:
+        """0 when the job was requeued, else 128 + the signal number (shell convention)."""
+        if self.requeued:
+            return 0
+        return 128 + int(self.signum if self.signum is not None else signal.SIGTERM)
+
 
 class CheckpointOnSignal(pl.Callback):
-    """On any of `signums`: checkpoint at the next step boundary, stop, requeue the SLURM job.
+    """On any of `signums`: checkpoint at the next step boundary, stop, requeue a SLURM job.
 
     Submit with `sbatch --signal=SIGUSR1@120` (SLURM then signals 2 minutes before the time
-    limit); outside SLURM `kill -USR1 <pid>` checkpoints and stops. The checkpoint is
-    `<default_root_dir>/hpc_ckpt_<n>.ckpt`, where `ckpt_path=auto|last` look. Lightning's
-    built-in SLURM handler saves inside the signal handler, i.e. possibly in the middle of a step
-    (half-advanced RNGs, an optimiser step counted twice on resume); this one only sets a flag, so
-    the saved state is a step boundary and resuming stays exact. Under DDP a signal on any rank
-    stops all ranks at the same step.
+    limit). Lightning's built-in SLURM handler saves inside the signal handler, i.e. possibly in
+    the middle of a step (half-advanced RNGs, an optimiser step counted twice on resume); this one
+    only sets a flag, so the saved state is a step boundary and resuming stays exact. Under DDP a
+    signal on any rank stops all ranks at the same step.
     """
 
     def __init__(
-        self, signums: Sequence[int] = (signal.SIGUSR1, signal.SIGTERM), requeue: bool = True
+        self,
+        signums: Sequence[int] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT),
+        requeue: bool = True,
     ) -> None:
         self.signums, self.requeue = tuple(signal.Signals(s) for s in signums), requeue
         self.received: signal.Signals | None = None
@@ -43,7 +69,11 @@ class CheckpointOnSignal(pl.Callback):
             self._previous = {s: signal.signal(s, self._handle) for s in self.signums}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: do not wait for the step to finish
         self.received = signal.Signals(signum)
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: saving at the end of this step (press again to abort now)")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
@@ -51,14 +81,13 @@ class CheckpointOnSignal(pl.Callback):
         # One all-reduce per step for all signals: a signal on any rank stops every rank.
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
-        name = self.received.name if self.received is not None else "signal on another rank"
-        self.received = None
+        signum, self.received = self.received, None
         path = next_hpc_path(Path(trainer.default_root_dir))
         trainer.save_checkpoint(path)
-        log.warning(f"{name}: saved {path} at step {trainer.global_step}; stopping")
-        trainer.should_stop = True
-        if self.requeue and trainer.is_global_zero:
-            requeue_slurm_job()
+        requeued = False
+        if self.requeue and signum in REQUEUE_SIGNALS and trainer.is_global_zero:
+            requeued = requeue_slurm_job()
+        raise RunStopped(signum, path, trainer.global_step, requeued)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._previous and threading.current_thread() is threading.main_thread():
@@ -67,16 +96,16 @@ class CheckpointOnSignal(pl.Callback):
             self._previous = {}
 
 
-def requeue_slurm_job() -> None:
-    """`scontrol requeue` this job (array task); nothing outside SLURM."""
+def requeue_slurm_job() -> bool:
+    """`scontrol requeue` this job (array task); False outside SLURM or when it fails."""
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if not job:
-        log.warning("not a SLURM job: nothing requeued; resume with ckpt_path=auto or last")
-        return
+        return False
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if result.returncode != 0:
         log.error(f"scontrol requeue {job} failed: {result.stderr.strip()}")
-    else:
-        log.warning(f"requeued SLURM job {job}")
+        return False
+    log.warning(f"requeued SLURM job {job}")
+    return True

@@ -7,16 +7,17 @@ run directory with the same overrides).
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 from omegaconf import ListConfig, OmegaConf
+from torch import nn
 
 from ssr.errors import UserError
-
-log = logging.getLogger(__name__)
+from ssr.io import load_torch_file, state_dict_problems
 
 HPC_PREFIX = "hpc_ckpt_"  # step-boundary checkpoints written on SIGUSR1/SIGTERM, in the run dir
 
@@ -73,8 +74,6 @@ def resolve_ckpt_path(
         return str(path)
     own = newest_checkpoint(output_dir)
     if own is not None or ckpt_path == "auto":
-        if own is not None:
-            log.info(f"resuming from {own}")
         return None if own is None else str(own)
     if search_siblings:
         wanted = _comparable(overrides or [])
@@ -85,9 +84,7 @@ def resolve_ckpt_path(
             if (ckpt := newest_checkpoint(run)) is not None
         ]
         if found:
-            path = max(found, key=lambda p: p.stat().st_mtime)
-            log.info(f"resuming from {path} (the latest run with the same overrides)")
-            return str(path)
+            return str(max(found, key=lambda p: p.stat().st_mtime))
     where = f"{output_dir} or an earlier run of it in {output_dir.parent}"
     raise ResumeError(
         f"ckpt_path=last: no checkpoints/last.ckpt in {where if search_siblings else output_dir}; "
@@ -102,12 +99,21 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max(files, key=lambda p: p.stat().st_mtime) if files else None
 
 
-def next_hpc_path(run_dir: Path) -> Path:
-    """`hpc_ckpt_<n+1>.ckpt` after the highest existing `n` (Lightning's naming)."""
+def _hpc_numbers(run_dir: Path) -> list[int]:
     pattern = re.compile(rf"{HPC_PREFIX}(\d+)\.ckpt")
     names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
-    numbers = [int(m.group(1)) for n in names if (m := pattern.fullmatch(n))]
-    return run_dir / f"{HPC_PREFIX}{max(numbers, default=0) + 1}.ckpt"
+    return [int(m.group(1)) for n in names if (m := pattern.fullmatch(n))]
+
+
+def next_hpc_path(run_dir: Path) -> Path:
+    """`hpc_ckpt_<n+1>.ckpt` after the highest existing `n` (Lightning's naming)."""
+    return run_dir / f"{HPC_PREFIX}{max(_hpc_numbers(run_dir), default=0) + 1}.ckpt"
+
+
+def latest_hpc_path(run_dir: Path) -> Path | None:
+    """The `hpc_ckpt_<n>.ckpt` with the highest `n`: what Lightning resumes without a ckpt_path."""
+    numbers = _hpc_numbers(run_dir)
+    return run_dir / f"{HPC_PREFIX}{max(numbers)}.ckpt" if numbers else None
 
 
 def _comparable(overrides: Sequence[str]) -> list[str]:
@@ -126,3 +132,83 @@ def _run_overrides(run_dir: Path) -> list[str] | None:
         return None
     # Unresolved: an override such as a=${b} is a string here, not an interpolation.
     return _comparable([str(v) for v in OmegaConf.to_container(loaded, resolve=False)])
+
+
+# ------------------------------------------------------------------- what a resume may change
+RUN_CONFIG_KEY = "run_config"  # the resolved run config, in every checkpoint
+# The experiment and the network: a checkpoint of another one is never resumed.
+IDENTITY_KEYS = ("task_name", "model")
+
+
+class StoreRunConfig(pl.Callback):
+    """The resolved run config in every checkpoint, so a resume can compare it with its own."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[RUN_CONFIG_KEY] = self.config
+
+
+def check_resume(path: str | Path, config: dict[str, Any], module: nn.Module) -> list[str]:
+    """Refuse, in one line, a checkpoint this run cannot continue; list the settings that differ.
+
+    Refused: an unreadable file, a file that is not a training checkpoint of ssr.train, one of
+    another experiment or model (`IDENTITY_KEYS`; the ImageNet weight path aside), and one whose
+    weights do not fit this run's networks. Returns the other differing settings (dotted keys,
+    run folders aside) for a warning: the optimiser and schedule state come from the checkpoint.
+    """
+    ckpt = load_torch_file(path, hint="expected a checkpoint of ssr.train", mmap=True)
+    if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt:
+        raise ResumeError(
+            f"{path} is not a training checkpoint of ssr.train (an export or an official "
+            "file?); evaluate it with ssr.eval, or train from scratch"
+        )
+    stored = ckpt.get(RUN_CONFIG_KEY) or {}
+    for key in IDENTITY_KEYS:
+        if key in stored and _identity(stored, key) != _identity(config, key):
+            raise ResumeError(
+                f"{path} belongs to another run ({key} differs: {_short(stored[key])} there, "
+                f"{_short(config.get(key))} here); resume it with its own experiment or start anew"
+            )
+    problems = state_dict_problems(module.state_dict(), ckpt.get("state_dict", {}))
+    if problems:
+        raise ResumeError(
+            f"{path} does not fit this run's networks: {'; '.join(problems)} (another model or "
+            "other UDA parts?)"
+        )
+    if not stored:
+        return []
+    # Run folders and resume settings differ between attempts by design.
+    folders = {str(c.get("paths", {}).get("output_dir")) for c in (stored, config)}
+    old, new = _flat(stored), _flat(config)
+    return [
+        key
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+        and not key.endswith("ckpt_path")
+        and not any(f in str(v) for v in (old.get(key), new.get(key)) for f in folders)
+    ]
+
+
+def _identity(config: dict[str, Any], key: str) -> Any:
+    value = config.get(key)
+    if key == "model" and isinstance(value, dict):  # the weight file's location may move
+        value = {**value, "backbone": {**value.get("backbone", {}), "pretrained": None}}
+    return value
+
+
+def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+    return out
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssr.errors import ConfigError
+
 
 class MaskedConsistency:
     """Zero out random square blocks of normalised images (zero = the ImageNet mean colour); the
@@ -24,9 +26,9 @@ class MaskedConsistency:
 
     def __init__(self, block_size: int = 32, ratio: float = 0.7, loss_weight: float = 1.0) -> None:
         if block_size <= 0:
-            raise ValueError(f"MIC block_size={block_size} must be a positive number of pixels")
+            raise ConfigError(f"MIC block_size={block_size} must be a positive number of pixels")
         if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"MIC mask ratio={ratio} must be in [0, 1]")
+            raise ConfigError(f"MIC mask ratio={ratio} must be in [0, 1]")
         self.block_size = block_size
         self.ratio = ratio
         self.loss_weight = loss_weight

@@ -23,7 +23,7 @@ from ssr.errors import UserError
 from ssr.metrics import SegMetric
 from ssr.model.inference import Inference
 from ssr.model.segmentor import Segmentor, View
-from ssr.optim import param_groups, poly_warmup_factor
+from ssr.optim import check_optim_config, param_groups, poly_warmup_factor
 from ssr.uda.fd import FeatureDistance
 from ssr.uda.losses import seg_loss
 from ssr.uda.masking import MaskedConsistency
@@ -55,7 +55,7 @@ class UDAModule(pl.LightningModule):
 
     Args:
         segmentor: the student network (the only network used at inference).
-        optim: AdamW + warm-up/poly settings (conf/optim).
+        optim: AdamW + warm-up/poly settings (config group `optim`).
         inference: the test protocol of validation (config group `inference`).
         teacher: builds the EMA teacher from the student; None = source-only training.
         mixing: ClassMix + strong augmentation (needed with a teacher).
@@ -91,11 +91,17 @@ class UDAModule(pl.LightningModule):
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
         if isinstance(optim, DictConfig):
             optim = OmegaConf.to_container(optim, resolve=True)  # type: ignore[assignment]
+        check_optim_config(optim)
         self.save_hyperparameters({"optim": dict(optim), "single_backward": single_backward})
         self.model_config: dict[str, Any] | None = None
         self.model = segmentor
         self.optim_cfg = OmegaConf.create(optim)
         self.inference = inference or Inference()
+        if self.inference.augmented:
+            raise UDAConfigError(
+                "validation runs one view at the test scale: test-time augmentation "
+                "(inference.ratios, inference.flip) is for ssr.eval and ssr.predict (tta=...)"
+            )
         self.teacher = teacher(segmentor) if teacher is not None else None
         self.mixing = mixing
         # The frozen ImageNet backbone for FD is a copy taken before the first step (§4.3).
@@ -178,14 +184,16 @@ class UDAModule(pl.LightningModule):
         """The shadow branch's loss (+ SSR's enhanced loss on the same features), one backward."""
         predictions = self.model.decode_train(student.feats, student.views)
         losses = {name: scale * seg_loss(predictions, label, weight)}
-        self._stash(**{name.removesuffix("_ce") + "_pred": predictions[0].logits.argmax(1)})
+        if self.debug is not None:  # only on the steps a debug panel is drawn
+            self._stash(**{name.removesuffix("_ce") + "_pred": predictions[0].logits.argmax(1)})
         if sam_feats is not None:
             losses[f"ssr_{name}"], fused = self.sam.enhanced_loss(
                 self.model, student.views, student.feats, sam_feats, label, weight
             )
-            if name == "src_ce":  # how much SAM changes each stage (debug panels)
+            if self.debug is not None and name == "src_ce":  # how much SAM changes each stage
                 plain, enhanced = student.feats[0], fused[0]
-                deltas = {i: (enhanced[i] - plain[i]).norm(dim=1) for i in self.sam.stages}
+                with torch.no_grad():
+                    deltas = {i: (enhanced[i] - plain[i]).norm(dim=1) for i in self.sam.stages}
                 self._stash(**{f"ssr_delta_{i}": d for i, d in deltas.items()})
         return self._backward(losses, keep_graph=keep_graph)
 

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssr import CONF_PATH
 from ssr.data.datasets import CityscapesDataset, GTA5Dataset, read_image
 from ssr.data.transforms import test_transform
-from ssr.io import atomic_write, atomic_write_json
+from ssr.io import atomic_write, atomic_write_json, remove_stale_temps_in
 from ssr.run.cli import cli, resolve_device
 from ssr.uda.sam_encoder import SamEncoder
 from ssr.uda.sam_features import (
@@ -247,6 +247,9 @@ def build_cache(cfg: DictConfig) -> dict[str, Any]:
         }
         _write_manifest(root, manifest)
         names = [p.relative_to(dataset.root).as_posix() for p in dataset.images]
+        for folder in sorted({cache_file(root, domain, n).parent for n in names}):
+            if folder.is_dir():
+                remove_stale_temps_in(folder)  # left by an interrupted run
         todo = [i for i, n in enumerate(names) if not cache_file(root, domain, n).is_file()]
         start = time.perf_counter()
         loader = DataLoader(

@@ -25,6 +25,7 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 from torch import Tensor, nn
 
 from ssr.data.labels import MEAN, STD
+from ssr.errors import ConfigError
 from ssr.io import CheckpointError, load_torch_file, state_dict_problems
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def build_sam_encoder(
         (encoder in eval mode with requires_grad False, pixel_mean, pixel_std) on the 0-255 scale.
     """
     if variant != "tiny" and variant not in SAM_VARIANTS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown SAM variant {variant!r}; choose one of tiny, {list(SAM_VARIANTS)}"
         )
     if tiny_overrides and variant != "tiny":

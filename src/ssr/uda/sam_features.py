@@ -9,7 +9,7 @@ online crop is (one token = `token_px` pixels of the resized image). A step then
 features out of those maps at the crop's box (`CropRecord`, flipped with the crop) and builds the
 mixed image's features as the ClassMix blend of the source and target features. SAM then does not
 see the mixed image's colour jitter and blur, and each crop's features come from fixed tiles
-instead of the crop alone (docs/configuration.md, "SAM feature cache").
+instead of the crop alone (docs/method.md §10, row 5).
 """
 
 from __future__ import annotations

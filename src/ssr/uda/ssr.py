@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssr.data.datamodule import CropRecord
+from ssr.errors import ConfigError
 from ssr.model.segmentor import Segmentor, View
 from ssr.uda.losses import seg_loss
 from ssr.uda.mixing import MixedBatch
@@ -52,7 +53,7 @@ class CrossAttentionFusion(nn.Module):
         if dim % num_heads:
             raise ValueError(f"fusion dim {dim} is not divisible by {num_heads} heads")
         if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention={attention!r}; choose one of {ATTENTION_MODES}")
+            raise ConfigError(f"attention={attention!r}; choose one of {ATTENTION_MODES}")
         self.num_heads, self.attention = num_heads, attention
         self.scale = (dim // num_heads) ** -0.5
         self.q = nn.Linear(dim, dim, bias=False)
@@ -101,16 +102,16 @@ class SSRRegularizer(nn.Module):
     ) -> None:
         super().__init__()
         if len(stage_dims) != len(stage_heads):
-            raise ValueError(
+            raise ConfigError(
                 f"stage_dims {list(stage_dims)} and stage_heads {list(stage_heads)} differ"
             )
         stages = [int(s) for s in stages]
         if not stages or len(set(stages)) != len(stages):
-            raise ValueError(
+            raise ConfigError(
                 f"stages={stages}: expected distinct stage indices (uda.sam=null: none)"
             )
         if not all(0 <= s < len(stage_dims) for s in stages):
-            raise ValueError(f"stages={stages}: expected indices in 0..{len(stage_dims) - 1}")
+            raise ConfigError(f"stages={stages}: expected indices in 0..{len(stage_dims) - 1}")
         self.encoder = encoder
         self.stages, self.loss_weight = tuple(sorted(stages)), loss_weight
         self.source = (

@@ -14,6 +14,8 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from ssr.errors import ConfigError
+
 
 class EMATeacher(nn.Module):
     """Exponential moving average of the student's parameters, used only to pseudo-label targets.
@@ -42,7 +44,7 @@ class EMATeacher(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"EMA alpha={alpha} must be in [0, 1); DACS uses 0.999")
+            raise ConfigError(f"EMA alpha={alpha} must be in [0, 1); DACS uses 0.999")
         _check_rows(ignore_top, ignore_bottom)
         self.alpha = alpha
         self.threshold = threshold
@@ -134,4 +136,4 @@ class EMATeacher(nn.Module):
 
 def _check_rows(top: int, bottom: int) -> None:
     if top < 0 or bottom < 0:
-        raise ValueError(f"pseudo-label crop rows top={top}, bottom={bottom} must be >= 0")
+        raise ConfigError(f"pseudo-label crop rows top={top}, bottom={bottom} must be >= 0")

@@ -30,6 +30,7 @@ from ssr.data.synthetic.writer import (
     VAL_CITIES,
     SyntheticDataError,
     generate,
+    generate_prepared,
     main,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "Scene",
     "SyntheticDataError",
     "generate",
+    "generate_prepared",
     "main",
     "make_sample",
     "render",

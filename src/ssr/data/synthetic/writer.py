@@ -12,12 +12,14 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from rich.console import Console
 from rich.progress import Progress
 
+from ssr.data.prepare import prepare_cityscapes, prepare_gta5
 from ssr.data.synthetic.style import SOURCE_SIZE, TARGET_SIZE, make_sample
 from ssr.errors import UserError
 from ssr.io import atomic_write, atomic_write_json
@@ -46,10 +48,7 @@ class SyntheticDataError(UserError, RuntimeError):
 
 def _save_png(image: Image.Image, path: Path) -> None:
     """Atomic, so an interrupted run never leaves half a PNG; not fsynced: a rerun remakes it."""
-    try:
-        atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)
-    except OSError as e:
-        raise SyntheticDataError(f"cannot write {path}: {e.strerror or e}") from e
+    atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)
 
 
 def _gta_label_image(label: np.ndarray) -> Image.Image:
@@ -133,10 +132,7 @@ def _check_out(out: Path, params: dict, force: bool) -> bool:
 
 def _write_marker(out: Path, params: dict, complete: bool) -> None:
     """Record the settings in OUT; durable, because a rerun trusts it to skip or refuse OUT."""
-    try:
-        atomic_write_json(out / MARKER_NAME, {**params, "complete": complete})
-    except OSError as e:
-        raise SyntheticDataError(f"cannot write {out / MARKER_NAME}: {e.strerror or e}") from e
+    atomic_write_json(out / MARKER_NAME, {**params, "complete": complete})
 
 
 def _write_job(job: tuple[str, str, int, Path, Path], seed: int) -> None:
@@ -203,6 +199,16 @@ def generate(
             _write_job(job, seed)
     _write_marker(out, params, complete=True)
     return True
+
+
+def generate_prepared(out: Path | str, nproc: int = 1, **settings: Any) -> bool:
+    """`generate` (same settings), then the real preparation of both sets (train-id labels, RCS
+    statistics): a root ready for training. Cheap to repeat; it repairs what an interruption
+    left. Returns whether images were written."""
+    written = generate(out, **settings)
+    prepare_gta5(Path(out) / "gta", nproc)
+    prepare_cityscapes(Path(out) / "cityscapes", nproc)
+    return written
 
 
 def positive_int(text: str) -> int:

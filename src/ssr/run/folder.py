@@ -1,0 +1,100 @@
+"""A run folder belongs to one live run at a time and keeps the records of earlier attempts.
+
+Hydra writes a run's `.hydra/` records (config, overrides) before the run starts; two runs given
+the same folder would overwrite each other's records, logs and checkpoints. `RunFolderGuard` (a
+Hydra callback, conf/hydra/default.yaml) runs before that: it takes an exclusive lock on the
+folder, which the operating system releases when the process ends however it ends (a killed run
+leaves no stale lock), refuses with one line and exit status 2 if a live run holds it, and moves
+the `.hydra/` of an earlier attempt to `.hydra.<n>` instead of letting it be overwritten. Default
+folder names carry the time and the process id, so runs started together never share one.
+Under DDP only rank 0 guards; the other ranks share its folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+LOCK_FILE = ".ssr_run.lock"
+RECORDS = ".hydra"
+
+_held: dict[Path, IO[str]] = {}  # open lock files, kept for the life of the process
+
+
+class RunFolderBusy(Exception):
+    """Another live process holds the run folder."""
+
+
+def is_rank_zero() -> bool:
+    """True unless the environment says this process is rank > 0 of a distributed launch."""
+    return all(
+        int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID")
+    )
+
+
+def lock_folder(run_dir: Path) -> None:
+    """Hold `run_dir`'s lock until this process ends; RunFolderBusy if another process holds it."""
+    run_dir = run_dir.resolve()
+    if run_dir in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise RunFolderBusy(f"run folder {run_dir} is in use by a live run ({owner})") from err
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    handle.flush()
+    _held[run_dir] = handle
+
+
+def keep_earlier_records(run_dir: Path) -> Path | None:
+    """Move an earlier attempt's `.hydra/` to `.hydra.<n>` (the first free n); its new path."""
+    records = run_dir / RECORDS
+    if not (records / "config.yaml").is_file():
+        return None
+    n = 1
+    while (run_dir / f"{RECORDS}.{n}").exists():
+        n += 1
+    target = run_dir / f"{RECORDS}.{n}"
+    records.rename(target)
+    return target
+
+
+def _refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class RunFolderGuard(Callback):
+    """Hydra callback: lock the run folder and keep earlier records, before Hydra writes any."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if is_rank_zero():
+            self._guard(Path(config.hydra.run.dir), keep_records=True)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Multirun jobs: each job folder is new; only the lock matters (after Hydra's records).
+        if is_rank_zero() and config.hydra.mode.name == "MULTIRUN":
+            self._guard(Path(config.hydra.runtime.output_dir), keep_records=False)
+
+    def _guard(self, run_dir: Path, keep_records: bool) -> None:
+        try:
+            lock_folder(run_dir)
+        except RunFolderBusy as err:
+            _refuse(f"{err}; wait for it to end or choose another hydra.run.dir")
+        except OSError as err:
+            _refuse(f"cannot create the run folder {run_dir}: {err.strerror or err}")
+        if keep_records:
+            keep_earlier_records(run_dir)

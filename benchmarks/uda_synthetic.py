@@ -34,6 +34,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -138,6 +139,7 @@ def run(name: str, seed: int, args: argparse.Namespace, oracle: Path) -> dict[st
     }
     overrides = [f"{k}={v}" for k, v in settings.items()] + [f"hydra.run.dir={run_dir}"]
     log = run_dir.with_suffix(".log")
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished or earlier run of this benchmark
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log.open("w") as f:

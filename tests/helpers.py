@@ -151,3 +151,15 @@ def run_script(name: str, *args: str, cwd: Path, timeout: int = 600) -> subproce
 def normalised(rgb: np.ndarray) -> np.ndarray:
     """What the pipelines feed the network: mmseg-normalised float32 RGB (H, W, 3)."""
     return (rgb.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)
+
+
+class SignalAtStep(pl.Callback):
+    """Sends `signum` to this process when optimiser step `step` starts: a Ctrl-C, `scancel` or
+    SLURM warning that lands mid-step (`+callbacks.stop._target_=helpers.SignalAtStep`)."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

@@ -285,10 +285,11 @@ def test_sigkill_or_sigusr1_then_resume_matches_uninterrupted_run(
     train(synthetic_root, runs / "2_resumed", "ckpt_path=last")
     assert_same_training_state(full, load(runs / "2_resumed" / "checkpoints" / "last.ckpt"))
 
-    # SIGUSR1 (SLURM pre-emption): checkpoint at the next step boundary, stop, exit 0; then the
-    # requeued job (same run directory) resumes from it with ckpt_path=auto.
+    # SIGUSR1 (SLURM's warning): checkpoint at the next step boundary, stop; outside SLURM nothing
+    # requeues the job, so the exit status says it stopped (128 + 10). The requeued job (same run
+    # directory) resumes from it with ckpt_path=auto.
     run = tmp_path / "signalled"
-    assert start_and_signal(synthetic_root, run, signal.SIGUSR1, 2) == 0
+    assert start_and_signal(synthetic_root, run, signal.SIGUSR1, 2) == 128 + signal.SIGUSR1
     hpc = load(run / "hpc_ckpt_1.ckpt")
     assert 2 <= hpc["global_step"] < 6
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] <= hpc["global_step"]

@@ -24,11 +24,14 @@ from ssr.metrics import iou_table
 from ssr.run.cli import cli
 from ssr.run.preemption import RunStopped
 from ssr.run.resume import (
+    ResumeError,
     StoreRunConfig,
     check_resume,
     hydra_overrides,
     latest_hpc_path,
+    newest_checkpoint,
     resolve_ckpt_path,
+    restored_by_checkpoint,
 )
 from ssr.run.trainer import build_trainer
 from ssr.uda.module import UDAModule
@@ -60,8 +63,9 @@ def build_module(cfg: DictConfig) -> UDAModule:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build data, model, UDA module and trainer from `cfg`, fit, then test the final student."""
     _check_run_settings(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    resume = _resume_path(cfg.ckpt_path, output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
     config = OmegaConf.to_container(cfg, resolve=True)
 
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
@@ -77,7 +81,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, callbacks, loggers)
     _print_summary(cfg, module, trainer, datamodule)
 
-    resume = _resolve_ckpt(cfg.ckpt_path, output_dir) or latest_hpc_path(output_dir)
     if resume is not None:
         _check_resume(resume, config, module)
     # A signal (pre-emption, Ctrl-C) ends fit with RunStopped after saving; `main` reports it.
@@ -114,20 +117,37 @@ def _check_crop_rows(cfg: DictConfig, module: UDAModule) -> None:
 
 
 def _check_resume(path: str | Path, config: dict, module: UDAModule) -> None:
+    """Refuse a checkpoint of another run; say which changed settings take effect and which not."""
     changed = check_resume(path, config, module)
     log.info(f"resuming from {path}")
-    if changed:
-        shown = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+    ignored = [c for c in changed if restored_by_checkpoint(c[0])]
+    if ignored:
         log.warning(
-            f"this run's settings differ from the checkpoint's in {shown}; the weights, the "
-            "optimiser and learning-rate schedule state, the step and the data stream come from "
-            "the checkpoint (changed optim.* values have no effect), the rest from this run"
+            f"{_diff(ignored)}: ignored, the checkpoint restores the optimiser and learning-rate "
+            "schedule state, the random streams and the data stream; start anew to change them"
         )
+    rest = [c for c in changed if not restored_by_checkpoint(c[0])]
+    if rest:
+        log.warning(f"{_diff(rest)}: changed since the checkpoint, this run's values apply")
 
 
-def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`ssr.run.resume.resolve_ckpt_path` with this run's Hydra overrides."""
-    return resolve_ckpt_path(ckpt_path, output_dir, *hydra_overrides())
+def _diff(changes: list[tuple[str, Any, Any]], shown: int = 8) -> str:
+    text = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:shown])
+    return text + (f" (and {len(changes) - shown} more)" if len(changes) > shown else "")
+
+
+def _resume_path(ckpt_path: str | None, output_dir: Path) -> str | Path | None:
+    """The checkpoint `ckpt_path` names (a requeued job's newest `hpc_ckpt_<n>.ckpt` without one);
+    refuses to start afresh over an earlier run's checkpoints in the same folder."""
+    resume = resolve_ckpt_path(ckpt_path, output_dir, *hydra_overrides())
+    resume = resume or latest_hpc_path(output_dir)
+    earlier = newest_checkpoint(output_dir)
+    if resume is None and earlier is not None:
+        raise ResumeError(
+            f"{output_dir} holds the checkpoint of an earlier run ({earlier}); continue it with "
+            "ckpt_path=auto, or start anew in another hydra.run.dir"
+        )
+    return resume
 
 
 def _print_summary(

@@ -5,21 +5,28 @@ the same folder would overwrite each other's records, logs and checkpoints. `Run
 Hydra callback, conf/hydra/default.yaml) runs before that: it takes an exclusive lock on the
 folder, which the operating system releases when the process ends however it ends (a killed run
 leaves no stale lock), refuses with one line and exit status 2 if a live run holds it, and moves
-the `.hydra/` of an earlier attempt to `.hydra.<n>` instead of letting it be overwritten. Default
-folder names carry the time and the process id, so runs started together never share one.
-Under DDP only rank 0 guards; the other ranks share its folder.
+the `.hydra/` of an earlier attempt to `.hydra.<n>` instead of letting it be overwritten (the CSV
+log likewise goes to `csv.<n>/`, `csv_logger`). Default folder names carry the time and the
+process id, so runs started together never share one. Under DDP only rank 0 guards; the other
+ranks share its folder. On a filesystem without file locks the run goes ahead with a warning.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import CSVLogger
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".ssr_run.lock"
 RECORDS = ".hydra"
@@ -52,6 +59,13 @@ def lock_folder(run_dir: Path) -> None:
         owner = handle.read().strip() or "another process"
         handle.close()
         raise RunFolderBusy(f"run folder {run_dir} is in use by a live run ({owner})") from err
+    except OSError as err:  # e.g. Lustre mounted without flock support: run, but say so
+        handle.close()
+        log.warning(
+            f"cannot lock the run folder {run_dir} ({err.strerror or err}): this filesystem has "
+            "no file locks, so nothing stops a second run from using the same folder"
+        )
+        return
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
@@ -60,16 +74,31 @@ def lock_folder(run_dir: Path) -> None:
 
 
 def keep_earlier_records(run_dir: Path) -> Path | None:
-    """Move an earlier attempt's `.hydra/` to `.hydra.<n>` (the first free n); its new path."""
+    """Move an earlier attempt's `.hydra/` to `.hydra.<n>`; its new path."""
     records = run_dir / RECORDS
-    if not (records / "config.yaml").is_file():
+    return keep_earlier(records) if (records / "config.yaml").is_file() else None
+
+
+def keep_earlier(path: Path) -> Path | None:
+    """Move an earlier attempt's `path` (a file or folder) to `<path>.<n>`, the first free n."""
+    if not path.exists():
         return None
     n = 1
-    while (run_dir / f"{RECORDS}.{n}").exists():
+    while path.with_name(f"{path.name}.{n}").exists():
         n += 1
-    target = run_dir / f"{RECORDS}.{n}"
-    records.rename(target)
+    target = path.with_name(f"{path.name}.{n}")
+    path.rename(target)
     return target
+
+
+def csv_logger(save_dir: str, name: str) -> CSVLogger:
+    """Lightning's CSV logger writing `<save_dir>/<name>/metrics.csv`. Lightning deletes an
+    existing metrics.csv there; a resumed attempt in the same folder keeps it as `<name>.<n>/`."""
+    from lightning.pytorch.loggers import CSVLogger  # here: eval/predict load this module too
+
+    if is_rank_zero():
+        keep_earlier(Path(save_dir) / name)
+    return CSVLogger(save_dir, name=name, version="")
 
 
 def _refuse(message: str) -> None:

@@ -138,6 +138,14 @@ def _run_overrides(run_dir: Path) -> list[str] | None:
 RUN_CONFIG_KEY = "run_config"  # the resolved run config, in every checkpoint
 # The experiment and the network: a checkpoint of another one is never resumed.
 IDENTITY_KEYS = ("task_name", "model")
+# Settings whose state a checkpoint restores: changing them on resume has no effect.
+RESTORED_PREFIXES = ("optim.", "seed", "data.seed")
+
+
+def restored_by_checkpoint(key: str) -> bool:
+    """True for a dotted config key whose value a resume takes from the checkpoint's state
+    (optimiser and schedule state, RNG states, the data stream's seed)."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESTORED_PREFIXES)
 
 
 class StoreRunConfig(pl.Callback):
@@ -152,13 +160,16 @@ class StoreRunConfig(pl.Callback):
         checkpoint[RUN_CONFIG_KEY] = self.config
 
 
-def check_resume(path: str | Path, config: dict[str, Any], module: nn.Module) -> list[str]:
+def check_resume(
+    path: str | Path, config: dict[str, Any], module: nn.Module
+) -> list[tuple[str, Any, Any]]:
     """Refuse, in one line, a checkpoint this run cannot continue; list the settings that differ.
 
     Refused: an unreadable file, a file that is not a training checkpoint of ssr.train, one of
     another experiment or model (`IDENTITY_KEYS`; the ImageNet weight path aside), and one whose
-    weights do not fit this run's networks. Returns the other differing settings (dotted keys,
-    run folders aside) for a warning: the optimiser and schedule state come from the checkpoint.
+    weights do not fit this run's networks. Returns the other differing settings as (dotted key,
+    checkpoint's value, this run's value), run folders aside, for a warning: the optimiser and
+    schedule state come from the checkpoint.
     """
     ckpt = load_torch_file(path, hint="expected a checkpoint of ssr.train", mmap=True)
     if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt:
@@ -185,7 +196,7 @@ def check_resume(path: str | Path, config: dict[str, Any], module: nn.Module) ->
     folders = {str(c.get("paths", {}).get("output_dir")) for c in (stored, config)}
     old, new = _flat(stored), _flat(config)
     return [
-        key
+        (key, old.get(key), new.get(key))
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key)
         and not key.endswith("ckpt_path")

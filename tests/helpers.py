@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -154,12 +155,20 @@ def normalised(rgb: np.ndarray) -> np.ndarray:
 
 
 class SignalAtStep(pl.Callback):
-    """Sends `signum` to this process when optimiser step `step` starts: a Ctrl-C, `scancel` or
-    SLURM warning that lands mid-step (`+callbacks.stop._target_=helpers.SignalAtStep`)."""
+    """Sends `signum` (`times` times) to this process when optimiser step `step` starts: a Ctrl-C,
+    `scancel` or SLURM warning landing mid-step. `workers`: DataLoader workers get it too, as from
+    `scancel` or a terminal's Ctrl-C. Used as `+callbacks.stop._target_=helpers.SignalAtStep`."""
 
-    def __init__(self, signum: int, step: int) -> None:
-        self.signum, self.step = signum, step
+    def __init__(self, signum: int, step: int, times: int = 1, workers: bool = False) -> None:
+        self.signum, self.step, self.times, self.workers = signum, step, times, workers
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step != self.step:
+            return
+        if self.workers:  # sent by another process, as by scancel (PyTorch's workers exit
+            # quietly on a signal from their parent, so os.kill from here would prove nothing)
+            pids = [str(child.pid) for child in multiprocessing.active_children()]
+            assert pids, "no DataLoader worker to signal"
+            subprocess.run(["kill", f"-{int(self.signum)}", *pids], check=True)
+        for _ in range(self.times):
             os.kill(os.getpid(), self.signum)

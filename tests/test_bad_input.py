@@ -64,6 +64,7 @@ def train_exit(root: Path, run: Path, monkeypatch: pytest.MonkeyPatch, *extra: s
         ("data.crop_size=[600,600]", "larger than the resized images"),
         ("uda.teacher.ignore_bottom=64", "cover the whole 64-row target crop"),
         ("uda.masking.ratio=1.5", "MIC mask ratio=1.5 must be in [0, 1]"),  # a constructor's
+        ("float32_matmul_precision=fast", "choose one of highest, high, medium"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_2_before_training(

@@ -3,6 +3,7 @@ checkpoint, stops that never look like finishes (docs/cluster.md)."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import os
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 
 import ssr.train
 from ssr.model.checkpoint import export_segmentor
+from ssr.run import folder
 from ssr.run.folder import LOCK_FILE, lock_folder
 from ssr.run.preemption import RunStopped
 from ssr.run.resume import ResumeError, check_resume, restored_by_checkpoint
@@ -50,18 +52,27 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.fixture(autouse=True)
+def outside_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as outside any SLURM job (a developer's allocation must not be requeued by a test)."""
+    for name in [v for v in os.environ if v.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+
+
 # ---------------------------------------------------------------------------------- folders
-def test_default_run_folders_carry_the_process_id() -> None:
+def test_default_run_folders_carry_the_process_id(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = compose_cfg("train", "experiment=demo", hydra=True)
     run_dir, sweep_dir = cfg.hydra.run.dir, cfg.hydra.sweep.dir
     assert run_dir.startswith(f"{cfg.paths.log_dir}/demo/runs/")
-    for folder in (run_dir, sweep_dir):
-        assert folder.endswith(f"_{os.getpid()}"), folder
-    os.environ["SLURM_JOB_ID"] = "4242"
-    try:  # a SLURM job and its requeues share one folder (ckpt_path=auto finds its checkpoints)
-        assert compose_cfg("train", hydra=True).hydra.run.dir.endswith("/runs/4242")
-    finally:
-        del os.environ["SLURM_JOB_ID"]
+    for name in (run_dir, sweep_dir):
+        assert name.endswith(f"_{os.getpid()}"), name
+    assert cfg.hydra.output_subdir == ".hydra"
+    # A SLURM job and its requeues share one folder (ckpt_path=auto finds its checkpoints); its
+    # ranks > 0 write no records of their own.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    cfg = compose_cfg("train", hydra=True)
+    assert cfg.hydra.run.dir.endswith("/runs/4242") and cfg.hydra.output_subdir is None
 
 
 HOLDER = textwrap.dedent(
@@ -137,7 +148,7 @@ def test_runs_started_together_get_their_own_folders(synthetic_root: Path, tmp_p
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
     runs = sorted((tmp_path / "logs" / "demo_mic" / "runs").iterdir())
-    assert len(runs) == 3
+    assert {run.name.rsplit("_", 1)[1] for run in runs} == {str(proc.pid) for proc in procs}
     seeds = {OmegaConf.load(run / ".hydra" / "config.yaml").seed for run in runs}
     assert seeds == {0, 1, 2}
     for run in runs:  # each folder's checkpoint is its own run's
@@ -163,6 +174,7 @@ def test_resume_keeps_records_and_names_what_is_ignored(
     extra = ["ckpt_path=auto", "optim.lr=0.002", "data.batch_size=1"]
     args = run_args(synthetic_root, *extra, steps=3)
     assert call_hydra_main(ssr.train.main, monkeypatch, trained, args) == 0
+    assert trained.resolve() not in folder._held  # the finished job gave its folder's lock back
     # The first attempt's records are kept; the new ones record the new values.
     first = OmegaConf.load(trained / ".hydra.1" / "config.yaml")
     assert first.optim.lr == 0.001 and first.trainer.max_steps == 2
@@ -171,9 +183,7 @@ def test_resume_keeps_records_and_names_what_is_ignored(
     assert "optim.lr: 0.001 -> 0.002: ignored, the checkpoint restores the optimiser" in log
     assert "data.batch_size: 2 -> 1" in log and "this run's values apply" in log
     # Each attempt's CSV log: Lightning would have deleted the first one.
-    assert "train/src_ce" in (trained / "csv.1" / "metrics.csv").read_text()
-    steps = (trained / "csv" / "metrics.csv").read_text()
-    assert ",3," in steps or ",2," in steps
+    assert logged_steps(trained / "csv.1") == {1, 2} and logged_steps(trained / "csv") == {3}
     # A copied folder still resumes into last.ckpt (not last-v1.ckpt, where auto never looks).
     assert [p.name for p in (trained / "checkpoints").iterdir()] == ["last.ckpt"]
     ckpt = load(trained / "checkpoints" / "last.ckpt")
@@ -196,6 +206,22 @@ def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused(
     assert "holds the checkpoint of an earlier run" in err and "ckpt_path=auto" in err
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
     assert (run / "csv" / "metrics.csv").is_file() and not (run / "csv.1").exists()
+
+
+def logged_steps(csv_dir: Path) -> set[int]:
+    """The optimiser steps (1-based) whose training loss a CSV log holds."""
+    with (csv_dir / "metrics.csv").open() as f:
+        return {int(row["step"]) + 1 for row in csv.DictReader(f) if row.get("train/loss")}
+
+
+def test_requeued_job_resumes_from_the_newest_checkpoint(trained: Path, tmp_path: Path) -> None:
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    hpc = run / "hpc_ckpt_1.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", hpc)
+    os.utime(hpc, (1, 1))  # an old pre-emption; last.ckpt was written after it
+    assert ssr.train._resume_path(None, run) == run / "checkpoints" / "last.ckpt"
+    os.utime(hpc)  # a fresh pre-emption
+    assert ssr.train._resume_path(None, run) == hpc
 
 
 def test_restored_settings() -> None:
@@ -232,7 +258,8 @@ def test_resume_refuses_another_runs_or_a_broken_checkpoint(
     err = one_error_line(capsys)
     assert str(path) in err and all(n in err for n in needles), err
     assert "weights_only" not in err  # torch's advice to unpickle anything is not relayed
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    written = {p.name for p in (tmp_path / "run").iterdir()}
+    assert written <= {".hydra", ".ssr_run.lock", "train.log"}, written  # no log, no checkpoint
 
 
 def test_check_resume_refuses_exports_and_weights_that_do_not_fit(
@@ -265,20 +292,37 @@ def test_a_stop_exit_code_never_reads_as_success() -> None:
     assert RunStopped(signal.SIGUSR1, Path("x"), 3, requeued=True).exit_code == 0  # requeued
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_saves_at_the_step_boundary_and_exits_non_zero(
-    signum: signal.Signals, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    run = tmp_path / "run"
-    args = run_args(
-        synthetic_root,
+def stop_args(root: Path, signum: int, *extra: str) -> list[str]:
+    """A two-step run that receives `signum` in its last step: no validation or test may follow."""
+    return run_args(
+        root,
         "+callbacks.stop._target_=helpers.SignalAtStep",
         f"+callbacks.stop.signum={int(signum)}",
         "+callbacks.stop.step=1",
-        steps=2,  # the stop lands in the last step: no validation, no test may follow it
+        *extra,
+        steps=2,
         test=True,
     )
-    assert call_hydra_main(ssr.train.main, monkeypatch, run, args) == 128 + signum
+
+
+@pytest.mark.parametrize(
+    ("signum", "workers"),
+    [(signal.SIGINT, 0), (signal.SIGTERM, 1), (signal.SIGUSR1, 0)],
+)
+def test_a_signal_saves_at_the_step_boundary_and_exits_non_zero(
+    signum: signal.Signals,
+    workers: int,
+    synthetic_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run = tmp_path / "run"
+    # With a loader worker, the worker is signalled too (scancel signals the whole job).
+    extra = [f"data.num_workers={workers}", f"+callbacks.stop.workers={bool(workers)}"]
+    code = call_hydra_main(
+        ssr.train.main, monkeypatch, run, stop_args(synthetic_root, signum, *extra)
+    )
+    assert code == 128 + signum
     assert load(run / "hpc_ckpt_1.ckpt")["global_step"] == 2  # the step it landed in finished
     assert not (run / "metrics.json").exists()  # no test after a stop
     metrics = (run / "csv" / "metrics.csv").read_text()
@@ -286,3 +330,40 @@ def test_a_signal_saves_at_the_step_boundary_and_exits_non_zero(
     log = (run / "train.log").read_text()
     assert f"{signum.name} at step 2" in log and f"ckpt_path={run / 'hpc_ckpt_1.ckpt'}" in log
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_second_ctrl_c_aborts_at_once(
+    synthetic_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    args = stop_args(synthetic_root, signal.SIGINT, "+callbacks.stop.times=2")
+    assert call_hydra_main(ssr.train.main, monkeypatch, run, args) == 130  # not Lightning's 1
+    assert one_error_line(capsys) == "error: interrupted (Ctrl-C); finished outputs are kept"
+    assert not list(run.glob("hpc_ckpt_*.ckpt"))
+
+
+SCONTROL = """#!/bin/sh
+echo "$@" >> "$SCONTROL_LOG"
+"""
+
+
+def test_a_requeued_slurm_job_exits_0(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SLURM's warning inside a job: save, `scontrol requeue <job>`, exit 0 (not a failure)."""
+    bin_dir = tmp_path / "bin"  # SLURM's command-line tool, recording what it was asked
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SCONTROL_LOG", str(tmp_path / "scontrol.log"))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run = tmp_path / "run"
+    args = stop_args(synthetic_root, signal.SIGUSR1)
+    assert call_hydra_main(ssr.train.main, monkeypatch, run, args) == 0
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert load(run / "hpc_ckpt_1.ckpt")["global_step"] == 2
+    assert "requeued" in (run / "train.log").read_text()

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from ssr import CONF_PATH
 from ssr.data.datasets import CityscapesDataset, TestTimeViews, read_label
 from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
+from ssr.data.workers import worker_init
 from ssr.errors import UserError
 from ssr.io import atomic_write_json, find_files
 from ssr.metrics import SegMetric, iou_table
@@ -66,7 +67,9 @@ def evaluate(
     device = torch.device(device)
     metric = SegMetric().to(device)
     views = TestTimeViews(dataset, inference)
-    loader = DataLoader(views, batch_size=1, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(
+        views, batch_size=1, shuffle=False, num_workers=num_workers, worker_init_fn=worker_init()
+    )
     was_training = segmentor.training
     segmentor.eval()
     batches = (

@@ -27,8 +27,8 @@ from ssr.run.resume import (
     ResumeError,
     StoreRunConfig,
     check_resume,
+    has_hpc_checkpoint,
     hydra_overrides,
-    latest_hpc_path,
     newest_checkpoint,
     resolve_ckpt_path,
     restored_by_checkpoint,
@@ -73,6 +73,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")  # scan the datasets first: a bad layout fails before any model is built
     module = build_module(cfg)
     _check_crop_rows(cfg, module)
+    if resume is not None:  # before any logger or callback writes into the run folder
+        _check_resume(resume, config, module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(StoreRunConfig(config))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -80,9 +82,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(config)
     trainer = build_trainer(cfg, callbacks, loggers)
     _print_summary(cfg, module, trainer, datamodule)
-
-    if resume is not None:
-        _check_resume(resume, config, module)
     # A signal (pre-emption, Ctrl-C) ends fit with RunStopped after saving; `main` reports it.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     metrics: dict[str, Any] = {
@@ -137,11 +136,13 @@ def _diff(changes: list[tuple[str, Any, Any]], shown: int = 8) -> str:
 
 
 def _resume_path(ckpt_path: str | None, output_dir: Path) -> str | Path | None:
-    """The checkpoint `ckpt_path` names (a requeued job's newest `hpc_ckpt_<n>.ckpt` without one);
-    refuses to start afresh over an earlier run's checkpoints in the same folder."""
+    """The checkpoint `ckpt_path` names. Without one, a requeued job (a folder with a pre-emption
+    `hpc_ckpt_<n>.ckpt`) resumes from the folder's newest checkpoint, and starting afresh over an
+    earlier run's checkpoint is refused."""
     resume = resolve_ckpt_path(ckpt_path, output_dir, *hydra_overrides())
-    resume = resume or latest_hpc_path(output_dir)
     earlier = newest_checkpoint(output_dir)
+    if resume is None and has_hpc_checkpoint(output_dir):
+        resume = earlier
     if resume is None and earlier is not None:
         raise ResumeError(
             f"{output_dir} holds the checkpoint of an earlier run ({earlier}); continue it with "

@@ -32,6 +32,7 @@ from ssr.data.transforms import (
     target_train_transform,
     test_transform,
 )
+from ssr.data.workers import worker_init
 from ssr.errors import ConfigError, int_setting, pair_setting
 
 
@@ -283,10 +284,12 @@ class UDADataModule(LightningDataModule):
         return UDATrainDataset(source, target, self.rcs_sampler, self.seed)
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         return DataLoader(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
+            worker_init_fn=worker_init(rank),  # a stop signal is the main process's to handle
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             # Own generator: creating an iterator then draws nothing from the global torch RNG,

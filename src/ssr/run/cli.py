@@ -8,7 +8,9 @@ Ctrl-C is one line and exit 130. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,13 +19,23 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from ssr.errors import UserError
+from ssr.errors import ConfigError, UserError
 from ssr.run.console import quiet_third_party
 
 if TYPE_CHECKING:
     import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Interrupted(BaseException):
+    """Ctrl-C, raised instead of KeyboardInterrupt: Lightning turns a KeyboardInterrupt into
+    exit status 1 (read as a crash), and no `except Exception` swallows this one."""
+
+
+def raise_interrupted(signum: int, frame: Any) -> None:
+    """SIGINT handler of every CLI (`cli`)."""
+    raise Interrupted
 
 
 def user_error(err: BaseException) -> str | None:
@@ -55,14 +67,16 @@ def cli(fn: F) -> F:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         quiet_third_party()
-        if args and isinstance(args[0], DictConfig) and "float32_matmul_precision" in args[0]:
-            import torch  # here, not at the top: the argparse CLIs start without torch
-
-            # TF32 for fp32 matmuls on Ampere+ as in training, so eval reproduces the test metric.
-            torch.set_float32_matmul_precision(args[0].float32_matmul_precision)
+        previous = None
+        if threading.current_thread() is threading.main_thread() and (
+            signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # started with `&` or nohup
+        ):
+            previous = signal.signal(signal.SIGINT, raise_interrupted)
         try:
+            if args and isinstance(args[0], DictConfig) and "float32_matmul_precision" in args[0]:
+                set_matmul_precision(args[0].float32_matmul_precision)
             return fn(*args, **kwargs)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             print("error: interrupted (Ctrl-C); finished outputs are kept", file=sys.stderr)
             sys.exit(130)
         except Exception as err:
@@ -71,8 +85,26 @@ def cli(fn: F) -> F:
                 raise
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def set_matmul_precision(value: Any) -> None:
+    """TF32 for fp32 matmuls on Ampere+ as in training (`high`), so eval reproduces the test
+    metric; `highest` is true fp32."""
+    if value not in MATMUL_PRECISIONS:
+        raise ConfigError(
+            f"float32_matmul_precision={value!r}; choose one of {', '.join(MATMUL_PRECISIONS)}"
+        )
+    import torch  # here, not at the top: the argparse CLIs start without torch
+
+    torch.set_float32_matmul_precision(value)
 
 
 def resolve_device(name: str) -> torch.device:

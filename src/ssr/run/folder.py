@@ -23,6 +23,8 @@ from typing import IO, TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ssr import launch_rank
+
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import CSVLogger
 
@@ -40,9 +42,7 @@ class RunFolderBusy(Exception):
 
 def is_rank_zero() -> bool:
     """True unless the environment says this process is rank > 0 of a distributed launch."""
-    return all(
-        int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID")
-    )
+    return launch_rank() == 0
 
 
 def lock_folder(run_dir: Path) -> None:
@@ -73,32 +73,38 @@ def lock_folder(run_dir: Path) -> None:
     _held[run_dir] = handle
 
 
-def keep_earlier_records(run_dir: Path) -> Path | None:
-    """Move an earlier attempt's `.hydra/` to `.hydra.<n>`; its new path."""
-    records = run_dir / RECORDS
-    return keep_earlier(records) if (records / "config.yaml").is_file() else None
+def release_folder(run_dir: Path) -> None:
+    """Give up `run_dir`'s lock (a finished job of a long sweep: file handles are finite)."""
+    handle = _held.pop(run_dir.resolve(), None)
+    if handle is not None:
+        handle.close()  # closing the file releases its lock
 
 
-def keep_earlier(path: Path) -> Path | None:
-    """Move an earlier attempt's `path` (a file or folder) to `<path>.<n>`, the first free n."""
+def keep_earlier_records(run_dir: Path) -> None:
+    """Move an earlier attempt's `.hydra/` to `.hydra.<n>`."""
+    if (run_dir / RECORDS / "config.yaml").is_file():
+        keep_earlier(run_dir / RECORDS)
+
+
+def keep_earlier(path: Path) -> None:
+    """Move an earlier attempt's `path` (file or folder), if any, to `<path>.<n>` (first free n)."""
     if not path.exists():
-        return None
+        return
     n = 1
     while path.with_name(f"{path.name}.{n}").exists():
         n += 1
-    target = path.with_name(f"{path.name}.{n}")
-    path.rename(target)
-    return target
+    path.rename(path.with_name(f"{path.name}.{n}"))
 
 
-def csv_logger(save_dir: str, name: str) -> CSVLogger:
-    """Lightning's CSV logger writing `<save_dir>/<name>/metrics.csv`. Lightning deletes an
-    existing metrics.csv there; a resumed attempt in the same folder keeps it as `<name>.<n>/`."""
+def csv_logger(save_dir: str, name: str, **kwargs: Any) -> CSVLogger:
+    """Lightning's CSV logger writing `<save_dir>/<name>/metrics.csv` (`kwargs`: its other
+    options). Lightning deletes an existing metrics.csv there; a resumed attempt in the same folder
+    keeps it as `<name>.<n>/`."""
     from lightning.pytorch.loggers import CSVLogger  # here: eval/predict load this module too
 
     if is_rank_zero():
         keep_earlier(Path(save_dir) / name)
-    return CSVLogger(save_dir, name=name, version="")
+    return CSVLogger(save_dir, name=name, version="", **kwargs)
 
 
 def _refuse(message: str) -> None:
@@ -117,6 +123,9 @@ class RunFolderGuard(Callback):
         # Multirun jobs: each job folder is new; only the lock matters (after Hydra's records).
         if is_rank_zero() and config.hydra.mode.name == "MULTIRUN":
             self._guard(Path(config.hydra.runtime.output_dir), keep_records=False)
+
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        release_folder(Path(config.hydra.runtime.output_dir))
 
     def _guard(self, run_dir: Path, keep_records: bool) -> None:
         try:

@@ -5,7 +5,8 @@ save `<run dir>/hpc_ckpt_<n>.ckpt` at the next step boundary and stop without th
 Lightning would run on an early stop (it would eat the pre-emption grace time). A SLURM job is
 requeued on SIGUSR1/SIGTERM; `ssr.train` then exits 0 so the scheduler sees a requeue, and
 otherwise 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM), so a stop never looks like
-a finished run. A second Ctrl-C while the step finishes aborts at once.
+a finished run. A second Ctrl-C while the step finishes aborts at once (exit 130, nothing saved).
+DataLoader workers ignore these signals (`ssr.data.workers`): the main process handles them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
+from ssr.run.cli import Interrupted
 from ssr.run.resume import next_hpc_path
 
 log = logging.getLogger(__name__)
@@ -31,17 +34,14 @@ REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 class RunStopped(Exception):
     """Raised at the step boundary after a signal's checkpoint was saved; ends `trainer.fit`."""
 
-    def __init__(self, signum: signal.Signals | None, path: Path, step: int, requeued: bool):
-        name = signum.name if signum is not None else "a signal on another rank"
-        super().__init__(f"{name} at step {step}: saved {path}")
-        self.signum, self.path, self.step, self.requeued = signum, path, step, requeued
+    def __init__(self, signum: signal.Signals, path: Path, step: int, requeued: bool):
+        super().__init__(f"{signum.name} at step {step}: saved {path}")
+        self.signum, self.path, self.requeued = signum, path, requeued
 
     @property
     def exit_code(self) -> int:
         """0 when the job was requeued, else 128 + the signal number (shell convention)."""
-        if self.requeued:
-            return 0
-        return 128 + int(self.signum if self.signum is not None else signal.SIGTERM)
+        return 0 if self.requeued else 128 + int(self.signum)
 
 
 class CheckpointOnSignal(pl.Callback):
@@ -65,12 +65,16 @@ class CheckpointOnSignal(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed after Lightning's signal connector, so this handler is the one that runs.
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.signums}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in self.signums:
+            if s == signal.SIGINT and signal.getsignal(s) is signal.SIG_IGN:
+                continue  # started in the background (`&`): Ctrl-C is not meant for this run
+            self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: do not wait for the step to finish
+            raise Interrupted  # the second Ctrl-C: do not wait for the step to finish
         self.received = signal.Signals(signum)
         if signum == signal.SIGINT:
             log.warning("Ctrl-C: saving at the end of this step (press again to abort now)")
@@ -79,14 +83,20 @@ class CheckpointOnSignal(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         # One all-reduce per step for all signals: a signal on any rank stops every rank.
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        received = int(self.received or 0)
+        if not trainer.strategy.reduce_boolean_decision(received != 0, all=False):
             return
-        signum, self.received = self.received, None
+        self.received = None
+        # Every rank stops for the same signal (the highest number any rank received) and
+        # exits with the same status.
+        mine = torch.tensor(received, device=trainer.strategy.root_device)
+        signum = signal.Signals(int(trainer.strategy.reduce(mine, reduce_op="max")))
         path = next_hpc_path(Path(trainer.default_root_dir))
         trainer.save_checkpoint(path)
         requeued = False
         if self.requeue and signum in REQUEUE_SIGNALS and trainer.is_global_zero:
             requeued = requeue_slurm_job()
+        requeued = bool(trainer.strategy.broadcast(requeued, src=0))
         raise RunStopped(signum, path, trainer.global_step, requeued)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

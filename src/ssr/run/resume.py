@@ -110,10 +110,9 @@ def next_hpc_path(run_dir: Path) -> Path:
     return run_dir / f"{HPC_PREFIX}{max(_hpc_numbers(run_dir), default=0) + 1}.ckpt"
 
 
-def latest_hpc_path(run_dir: Path) -> Path | None:
-    """The `hpc_ckpt_<n>.ckpt` with the highest `n`: what Lightning resumes without a ckpt_path."""
-    numbers = _hpc_numbers(run_dir)
-    return run_dir / f"{HPC_PREFIX}{max(numbers)}.ckpt" if numbers else None
+def has_hpc_checkpoint(run_dir: Path) -> bool:
+    """Whether a pre-emption stop saved `hpc_ckpt_<n>.ckpt` here (the folder of a requeued job)."""
+    return bool(_hpc_numbers(run_dir))
 
 
 def _comparable(overrides: Sequence[str]) -> list[str]:

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssr import CONF_PATH
 from ssr.data.datasets import CityscapesDataset, GTA5Dataset, read_image
 from ssr.data.transforms import test_transform
+from ssr.data.workers import worker_init
 from ssr.io import atomic_write, atomic_write_json, remove_stale_temps_in
 from ssr.run.cli import cli, resolve_device
 from ssr.uda.sam_encoder import SamEncoder
@@ -253,7 +254,10 @@ def build_cache(cfg: DictConfig) -> dict[str, Any]:
         todo = [i for i, n in enumerate(names) if not cache_file(root, domain, n).is_file()]
         start = time.perf_counter()
         loader = DataLoader(
-            FullImages(dataset, todo), batch_size=None, num_workers=int(cfg.data.num_workers)
+            FullImages(dataset, todo),
+            batch_size=None,
+            num_workers=int(cfg.data.num_workers),
+            worker_init_fn=worker_init(),
         )
         with _progress() as progress:
             task = progress.add_task(domain, total=len(names), completed=len(names) - len(todo))

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssr import CONF_MODULE
 from ssr.data.datamodule import UDADataModule
+from ssr.model.hrda import HRDASegmentor
 from ssr.model.inference import Inference
 from ssr.model.mit import MIT_VARIANTS
 from ssr.model.segmentor import Segmentor
@@ -37,6 +38,8 @@ PAPER = ["source_only", "daformer", "mic", "ssr", "mic_ssr"]
 MODELS = [f"daformer_mitb{i}" for i in range(6)]
 # Parameters of the network that ships (the student segmentor), docs/method.md §1-§2.
 SHIPPED = {"b5": 85_155_283, "tiny": 551_267}
+# HRDA adds the scale-attention head (docs/hrda.md §3.1: 530,707 at paper width).
+SCALE_ATTENTION = {"b5": 530_707, "tiny": 13_107}
 # SSR's trainable projection + fusion layers (§6.9) and the frozen SAM encoders.
 SSR_TRAINABLE = {"b5": 1_804_288, "tiny": 104_960}
 SAM_ENCODER = {"vit_b": 89_670_912, "tiny": 63_136}
@@ -58,7 +61,10 @@ def test_experiment_composes_and_builds_datamodule(name: str) -> None:
     dm = instantiate(cfg.data)  # no file access before setup()
     assert isinstance(dm, UDADataModule)
     assert OmegaConf.select(cfg, "trainer.max_steps") > 0
-    assert list(cfg.data.test_resize) == list(cfg.inference.resize)  # one test scale
+    if cfg.model._target_.endswith("HRDASegmentor"):  # HRDA tests at full resolution
+        assert cfg.data.test_resize is None
+    else:
+        assert list(cfg.data.test_resize) == list(cfg.inference.resize)  # one test scale
 
 
 def random_weights(name: str, *overrides: str) -> DictConfig:
@@ -80,11 +86,15 @@ def test_experiment_builds_its_uda_module(name: str) -> None:
     variant = cfg.model.backbone.variant
     with torch.device("cpu" if variant == "tiny" else "meta"):
         module = build_module(cfg)
-    assert isinstance(module, UDAModule) and isinstance(module.model, Segmentor)
-    assert n_params(module.model) == SHIPPED[variant]
+    hrda = isinstance(module.model, HRDASegmentor)
+    assert isinstance(module, UDAModule) and (hrda or isinstance(module.model, Segmentor))
+    shipped = SHIPPED[variant] + (SCALE_ATTENTION[variant] if hrda else 0)
+    assert n_params(module.model) == shipped
     assert module.model_config == OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(module.inference, Inference)
-    assert module.inference.resize == tuple(cfg.inference.resize)
+    # HRDA brings its own test protocol: full resolution, windows of the training crop.
+    expected = None if hrda else tuple(cfg.inference.resize)
+    assert module.inference.resize == expected
     uda = cfg.uda
     assert (module.teacher is None) == (uda.teacher is None) == (module.mixing is None)
     assert (module.masking is None) == (uda.masking is None)
@@ -96,14 +106,14 @@ def test_experiment_builds_its_uda_module(name: str) -> None:
         assert module.mixing.seed == cfg.seed  # uda.mixing.seed: ${seed}
     trainable = n_params(module, trainable=True)
     if module.sam is None:
-        assert trainable == SHIPPED[variant]
+        assert trainable == shipped
     else:
         sam_variant = uda.sam.encoder.variant
         assert module.sam.encoder.variant == sam_variant
         assert n_params(module.sam.encoder) == SAM_ENCODER[sam_variant]
         assert not any(p.requires_grad for p in module.sam.encoder.parameters())  # frozen SAM
         assert n_params(module.sam, trainable=True) == SSR_TRAINABLE[variant]
-        assert trainable == SHIPPED[variant] + SSR_TRAINABLE[variant]
+        assert trainable == shipped + SSR_TRAINABLE[variant]
         assert module.sam.stages == (0, 1, 2, 3)
         assert not any(k.startswith("sam.encoder.") for k in module.state_dict())
 
@@ -150,7 +160,7 @@ def test_paper_experiments_keep_the_paper_defaults(name: str) -> None:
 def test_tiny_model_config_instantiates(model: str) -> None:
     cfg = compose_cfg("train", f"model={model}")
     seg = instantiate(cfg.model)
-    assert isinstance(seg, Segmentor)
+    assert isinstance(seg, HRDASegmentor if model.startswith("hrda") else Segmentor)
     assert seg(torch.zeros(1, 3, 64, 64)).shape == (1, 19, 64, 64)
 
 

@@ -1,15 +1,19 @@
-"""Using trained models: test-time augmentation, ONNX export and runs, confidence maps, encodings,
-batched sliding windows."""
+"""Using trained models: test-time augmentation, ONNX export and runs (HRDA's fixed window too),
+confidence maps, encodings, batched sliding windows."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ssr import eval as ssr_eval
@@ -18,9 +22,16 @@ from ssr import predict as ssr_predict
 from ssr.data.datasets import read_image
 from ssr.data.labels import TRAIN_ID_TO_LABEL_ID, label_ids_to_train_ids
 from ssr.data.transforms import test_transform
-from ssr.model.checkpoint import load_segmentor
+from ssr.model.checkpoint import export_segmentor, load_segmentor
+from ssr.model.hrda import HRDASegmentor
 from ssr.model.inference import Inference
-from ssr.model.onnx import OnnxExportError, OnnxSegmentor, compare_logits, export_onnx
+from ssr.model.onnx import (
+    OnnxExportError,
+    OnnxInputError,
+    OnnxSegmentor,
+    compare_logits,
+    export_onnx,
+)
 
 from helpers import CS_FRAMES, CS_H, CS_W, call_hydra_main, compose_cfg, torch_threads
 
@@ -233,3 +244,115 @@ def test_predict_writes_confidence_and_cityscapes_label_ids(
     np.testing.assert_array_equal(label_ids_to_train_ids(label_ids), train_ids)
     # A second run over the output folder does not segment ssr's own outputs.
     assert not any(p.name.endswith("_conf_trainIds.png") for p in preds.rglob("*.png"))
+
+
+# ------------------------------------------------------------------- HRDA: a fixed window
+HRDA_PROTOCOL = {"mode": "slide", "resize": None, "crop_size": (128, 128), "stride": (64, 64)}
+
+
+@pytest.fixture(scope="module")
+def hrda(tmp_path_factory) -> dict[str, Any]:
+    """A random tiny HRDA (128² test window) as an ssr-segmentor file, exported to ONNX."""
+    cfg = compose_cfg("export", "model=hrda_tiny")
+    torch.manual_seed(0)
+    segmentor = instantiate(cfg.model).eval()
+    folder = tmp_path_factory.mktemp("hrda")
+    pt, onnx_path = folder / "hrda.pt", folder / "hrda.onnx"
+    config = OmegaConf.to_container(cfg.model, resolve=True)
+    export_segmentor(segmentor, pt, model_config=config, meta={})
+    with torch_threads(1):
+        stats = ssr_export.export(pt, onnx_path, {})
+    return {"pt": pt, "onnx": onnx_path, "segmentor": segmentor, "stats": stats, "config": config}
+
+
+def test_hrda_onnx_is_fixed_to_its_test_window(hrda) -> None:
+    """Traced, checked and run at the 128² test window (not onnx_check_size); batch dynamic;
+    the protocol travels in the metadata."""
+    segmentor, check = hrda["segmentor"], hrda["stats"]["check"]
+    assert segmentor.test_protocol == HRDA_PROTOCOL == hrda["stats"]["test_protocol"]
+    assert check["check_size"] == [128, 128] and check["pixels"] == 128 * 128
+    assert check["max_abs_diff"] <= 1e-4 and check["argmax_mismatch_not_tie"] == 0
+    import onnx
+
+    model = onnx.load(hrda["onnx"])
+    stored = json.loads({p.key: p.value for p in model.metadata_props}["test_protocol"])
+    assert stored == {"mode": "slide", "resize": None, "crop_size": [128, 128], "stride": [64, 64]}
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, 128, 128]
+    runner = OnnxSegmentor(hrda["onnx"])
+    assert runner.test_protocol == HRDA_PROTOCOL and runner.window == (128, 128)
+    assert repr(Inference().for_model(runner)) == repr(Inference().for_model(segmentor))
+    x = _image(4, (2, 3, 128, 128))
+    with torch.inference_mode():
+        torch.testing.assert_close(runner(x), segmentor(x), rtol=0, atol=1e-4)
+    small = x[:1, :, :96, :120]  # padded to the window, logits cut back (PyTorch: to 8s only)
+    torch.testing.assert_close(runner(small), runner(F.pad(small, (0, 8, 0, 32)))[..., :96, :120])
+    with pytest.raises(OnnxInputError, match=r"a 136x128 input is larger than the 128x128 window"):
+        runner(_image(5, (1, 3, 136, 128)))
+
+
+def _cs_tree(root: Path, size: tuple[int, int]) -> list[Path]:
+    """Two Cityscapes-format val frames of (H, W) `size`; returns the images."""
+    rng = np.random.default_rng(3)
+    images = []
+    for frame in CS_FRAMES:
+        img = root / "leftImg8bit" / "val" / f"{frame}_leftImg8bit.png"
+        gt = root / "gtFine" / "val" / f"{frame}_gtFine_labelTrainIds.png"
+        img.parent.mkdir(parents=True, exist_ok=True)
+        gt.parent.mkdir(parents=True, exist_ok=True)
+        rgb = cv2.resize(rng.integers(0, 256, (10, 14, 3), dtype=np.uint8), size[::-1])
+        Image.fromarray(rgb).save(img)
+        Image.fromarray(rng.integers(0, 19, size, dtype=np.uint8)).save(gt)
+        images.append(img)
+    return images
+
+
+def test_eval_and_predict_through_hrda_onnx_match_pytorch(hrda, tmp_path, caplog) -> None:
+    """eval/predict on the .onnx apply HRDA's protocol from its metadata: the PyTorch file's
+    predictions (argmax equal except ties), on images larger than the window (160x224: 2x3
+    windows, the last ones shifted back to the border)."""
+    images = _cs_tree(tmp_path / "cs", (160, 224))
+    results, preds = {}, {}
+    for kind in ("pt", "onnx"):
+        common = [f"ckpt_path={hrda[kind]}", "device=cpu"]
+        args = [*common, f"gt_root={tmp_path / 'cs'}", f"output_dir={tmp_path / kind}"]
+        with caplog.at_level("INFO", logger="ssr.eval"):
+            results[kind] = ssr_eval.run(compose_cfg("eval", *args, "num_workers=0"))
+        protocol = "Inference(mode='slide', resize=None, crop_size=(128, 128), stride=(64, 64)"
+        assert f"Test protocol: {protocol}" in caplog.text
+        caplog.clear()
+        preds[kind] = tmp_path / f"pred_{kind}"
+        folder = tmp_path / "cs" / "leftImg8bit"
+        ssr_predict.run(
+            compose_cfg("predict", *common, f"input={folder}", f"output_dir={preds[kind]}")
+        )
+    assert results["onnx"]["mIoU"] == pytest.approx(results["pt"]["mIoU"], abs=0.05)  # ties
+    inference = instantiate(compose_cfg("predict").inference).for_model(hrda["segmentor"])
+    for image in images:
+        rgb = read_image(image)
+        with torch.inference_mode():
+            logits = inference.logits(
+                hrda["segmentor"], test_transform(None)(image=rgb)["image"][None]
+            )[0]
+        top2 = logits.topk(2, dim=0).values
+        name = Path(image.parent.name) / f"{image.stem}_trainIds.png"
+        pt, ox = (np.asarray(Image.open(preds[k] / "val" / name)) for k in ("pt", "onnx"))
+        np.testing.assert_array_equal(pt, logits.argmax(0).numpy())
+        assert not ((pt != ox) & (top2[0] - top2[1] > 1e-4).numpy()).any()
+
+
+def test_torch_export_of_an_hrda_checkpoint_keeps_its_model(hrda, tmp_path) -> None:
+    """A work-dir HRDA file (no config) exported to .pt loads back without model=..."""
+    source = hrda["segmentor"].state_dict()
+    ckpt = tmp_path / "latest.pth"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.items()}}, ckpt)
+    out = tmp_path / "hrda_student.pt"
+    stats = ssr_export.export(ckpt, out, compose_cfg("export", "model=hrda_tiny").model)
+    assert stats["format"] == "torch" and stats["test_protocol"] == HRDA_PROTOCOL
+    raw = torch.load(out, map_location="cpu", weights_only=True)
+    assert raw["model_config"] == hrda["config"] and raw["meta"]["source_format"] == "official"
+    loaded, config, fmt = load_segmentor(out, {})  # the stored config, not model=daformer_mitb5
+    assert fmt == "export" and config == hrda["config"] and isinstance(loaded, HRDASegmentor)
+    assert loaded.test_protocol == HRDA_PROTOCOL
+    for k, v in source.items():
+        assert torch.equal(loaded.state_dict()[k], v), k

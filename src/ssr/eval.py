@@ -165,6 +165,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dataset = CityscapesDataset(cfg.gt_root, split=cfg.split, label=True)
         device = resolve_device(cfg.device)
         segmentor, _, _ = load_segmentor(cfg.ckpt_path, cfg.model, device)
+        inference = inference.for_model(segmentor)  # HRDA models bring their own protocol
+        log.info(f"Test protocol: {inference!r}")
         result = evaluate(segmentor, dataset, inference, device, num_workers=cfg.num_workers)
         title = f"{Path(cfg.ckpt_path).name}: Cityscapes {cfg.split}"
     Console().print(iou_table(result, title=title))

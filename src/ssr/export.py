@@ -3,7 +3,9 @@
 SSR's SAM encoder and fusion layers, the EMA teacher and the ImageNet FD copy only shape training
 (docs/method.md §3.3); inference uses the student alone. This writes that student either as a
 self-describing `ssr-segmentor` file (weights + model config) or as an ONNX model checked against
-PyTorch with ONNX Runtime (`ssr.model.onnx`); `ssr.eval` and `ssr.predict` load both.
+PyTorch with ONNX Runtime (`ssr.model.onnx`); `ssr.eval` and `ssr.predict` load both. An HRDA
+student keeps its test protocol (docs/hrda.md §2.4) in either: through its model config, or as
+ONNX metadata of a graph fixed to one test window.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def export(
     """Load the student of any checkpoint format and write it to `out`.
 
     `model_cfg` describes the architecture only for checkpoints that store none (official
-    work-dir files). `fmt`: "torch", "onnx", or "auto" (ONNX for a `.onnx` file name). Returns the
+    work-dir files: model=daformer_mitbX or model=hrda_mitbX). `fmt`: "torch", "onnx", or "auto"
+    (ONNX for a `.onnx` file name). `check_size` is where ONNX Runtime is checked; an HRDA model
+    is exported and checked at its fixed test window instead (`ssr.model.onnx`). Returns the
     parameter count, the file size in bytes and, for ONNX, the ONNX Runtime check.
     """
     fmt = ("onnx" if Path(out).suffix == ".onnx" else "torch") if fmt == "auto" else fmt
@@ -59,6 +63,8 @@ def export(
     meta = {"source": Path(ckpt_path).name, "source_format": source_format}  # no local paths
     meta["network"] = "student"
     stats: dict[str, Any] = {"params": sum(p.numel() for p in segmentor.parameters())}
+    if getattr(segmentor, "test_protocol", None):
+        stats["test_protocol"] = segmentor.test_protocol  # HRDA: stored with the model
     if fmt == "onnx":
         stats["check"] = export_onnx(segmentor, out, meta, check_size, tolerance)
     else:
@@ -80,6 +86,10 @@ def main(cfg: DictConfig) -> None:
     table.add_row("written", f"{cfg.out} ({stats['format']})")
     table.add_row("parameters", f"{stats['params']:,}")
     table.add_row("file size", f"{stats['bytes'] / 2**20:.1f} MiB")
+    if "test_protocol" in stats:
+        (h, w), (sh, sw) = stats["test_protocol"]["crop_size"], stats["test_protocol"]["stride"]
+        fixed = f"; ONNX input fixed to {h}x{w}" if stats["format"] == "onnx" else ""
+        table.add_row("test protocol", f"HRDA: slide {h}x{w}, stride {sh}x{sw}{fixed}")
     if "check" in stats:
         check = stats["check"]
         h, w = check["check_size"]

@@ -198,7 +198,8 @@ def run(cfg: DictConfig) -> list[Path]:
     inputs = [] if is_video else collect_images(input_path, output_dir)
     device = resolve_device(cfg.device)
     segmentor, _, _ = load_segmentor(cfg.ckpt_path, cfg.model, device)
-    predictor = Predictor(segmentor, instantiate(cfg.inference), device)
+    inference = instantiate(cfg.inference).for_model(segmentor)  # HRDA: its own protocol
+    predictor = Predictor(segmentor, inference, device)
     if is_video:
         written = [predict_video(predictor, input_path, output_dir, cfg.overlay_alpha)]
     else:

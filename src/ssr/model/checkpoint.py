@@ -1,12 +1,17 @@
-"""Load and export segmentor weights in every format ssr meets; docs/method.md §1.8 and §9.
+"""Load and export segmentor weights in every format ssr meets; docs/method.md §1.8, §9 and
+docs/hrda.md §7.
 
 Formats, detected from the file's content:
 
 * "imagenet":  SegFormer's `mit_b*.pth` (backbone keys + the 1000-class `head.*`, ignored).
-* "official":  a DAFormer / MIC / SSR mmseg work-dir checkpoint: `state_dict` with `model.*`
-  (student), `ema_model.*` (teacher), `imnet_model.*`, SSR's `predictor.*`, `embedding_layer.*`,
-  `fusion_layer.*`. A plain mmseg segmentor checkpoint (`backbone.*`, `decode_head.*`, e.g. a
-  source-only run) counts too.
+* "official":  a DAFormer / MIC / SSR / HRDA / MIC(HRDA) mmseg work-dir checkpoint: `state_dict`
+  with `model.*` (student), `ema_model.*` (teacher), `imnet_model.*`, SSR's `predictor.*`,
+  `embedding_layer.*`, `fusion_layer.*`; `meta` and `optimizer` are ignored (but `meta.CLASSES`
+  must be our class order). A released file may be stripped to `model.*` alone, and a plain mmseg
+  segmentor checkpoint (`backbone.*`, `decode_head.*`, e.g. a source-only run) counts too.
+  HRDA's keys are our module names (docs/hrda.md §7): `decode_head.head.*` (the DAFormer head)
+  and `decode_head.scale_attention.*`; the latter marks an HRDA checkpoint, and a DAFormer model
+  config meeting one (or an HRDA config meeting a DAFormer file) fails with the `model=` to use.
 * "lightning": our Lightning checkpoint (`model.*` student, `teacher.model.*` teacher).
 * "export":    our inference file written by `export_segmentor`.
 
@@ -42,6 +47,8 @@ _PREFIXES: dict[str, tuple[str, str | None]] = {
     "export": ("", None),
 }
 _FIT_HINT = "does the model config match the checkpoint, e.g. model=daformer_mitb5?"
+# Only an HRDA segmentor (ssr.model.hrda) has these keys (docs/hrda.md §7.4).
+HRDA_MARKER = "decode_head.scale_attention."
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +123,47 @@ def _load_weights(segmentor: nn.Module, ckpt: dict, path: Any, which: str) -> st
             f"{path}: no keys start with {prefix!r}, so it holds no {which} "
             f"(a stripped / published checkpoint?); first keys {first_items(list(state))}"
         )
-    load_strict(segmentor, selected, path, f"{which} of a {fmt} checkpoint", _FIT_HINT)
+    _check_architecture(segmentor, selected, path)
+    hint = f"does the model config match the checkpoint, e.g. {_model_choice(selected)}?"
+    load_strict(segmentor, selected, path, f"{which} of a {fmt} checkpoint", hint)
     return fmt
+
+
+def _is_hrda(keys: Any) -> bool:
+    return any(k.startswith(HRDA_MARKER) for k in keys)
+
+
+def _check_architecture(segmentor: nn.Module, selected: Mapping[str, Any], path: Any) -> None:
+    """DAFormer vs HRDA in one line: the generic key lists (every head key missing or
+    unexpected) would hide that only the `model=` group is wrong."""
+    file_hrda, model_hrda = _is_hrda(selected), _is_hrda(segmentor.state_dict())
+    if file_hrda == model_hrda:
+        return
+    held, built = ("an HRDA", "a DAFormer") if file_hrda else ("a DAFormer", "an HRDA")
+    raise CheckpointError(
+        f"{path}: holds {held} segmentor ({'' if file_hrda else 'no '}{HRDA_MARKER}* keys) but "
+        f"the model config builds {built} one; pass {_model_choice(selected)}"
+    )
+
+
+def _model_choice(state: Mapping[str, Any]) -> str:
+    """`model=<arch>_mit<variant>` fitting a segmentor state dict, the MiT variant read from the
+    backbone's stage widths and depths (`mitbX` when they match none)."""
+    from ssr.model.mit import MIT_VARIANTS  # ssr.model.mit imports this module
+
+    arch = "hrda" if _is_hrda(state) else "daformer"
+    widths = tuple(
+        int(getattr(state.get(f"backbone.patch_embed{i}.proj.weight"), "shape", (0,))[0])
+        for i in range(1, 5)
+    )
+    depths = tuple(
+        len({k.split(".")[2] for k in state if k.startswith(f"backbone.block{i}.")})
+        for i in range(1, 5)
+    )
+    for name, spec in MIT_VARIANTS.items():
+        if (tuple(spec.embed_dims), tuple(spec.depths)) == (widths, depths):
+            return f"model={arch}_{'tiny' if name == 'tiny' else 'mit' + name}"
+    return f"model={arch}_mitbX"
 
 
 def export_segmentor(

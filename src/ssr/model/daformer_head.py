@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssr.errors import ConfigError
+
 
 class ConvBNReLU(nn.Module):
     """Conv (no bias: BN follows) -> BN -> ReLU, mmcv's `ConvModule` with its kaiming init."""
@@ -94,8 +96,15 @@ class TokenEmbed(nn.Module):
         return x.transpose(1, 2).reshape(b, -1, h, w)  # (B, E, H, W)
 
 
+FUSIONS = ("aspp", "conv")
+
+
 class DAFormerHead(nn.Module):
-    """Four stage maps (strides 4..32) -> class logits at stride 4 (§2.2); no further upsampling."""
+    """Four stage maps (strides 4..32) -> class logits at stride 4 (§2.2); no further upsampling.
+
+    `fusion="conv"` replaces the separable ASPP by one 1x1 conv unit (the SegFormer-style decoder
+    with DAFormer's widths): HRDA's scale-attention head (docs/hrda.md §3.1).
+    """
 
     def __init__(
         self,
@@ -105,12 +114,20 @@ class DAFormerHead(nn.Module):
         channels: int = 256,
         dilations: Sequence[int] = (1, 6, 12, 18),
         dropout: float = 0.1,
+        fusion: str = "aspp",
     ) -> None:
         super().__init__()
+        if fusion not in FUSIONS:
+            raise ConfigError(f"decode head fusion={fusion!r}; choose one of {FUSIONS}")
         self.in_channels = tuple(in_channels)
         self.num_classes = num_classes
         self.embed_layers = nn.ModuleList(TokenEmbed(c, embed_dim) for c in self.in_channels)
-        self.fuse_layer = SepASPP(len(self.in_channels) * embed_dim, channels, dilations)
+        width = len(self.in_channels) * embed_dim
+        self.fuse_layer: nn.Module = (
+            SepASPP(width, channels, dilations)
+            if fusion == "aspp"
+            else ConvBNReLU(width, channels, 1)
+        )
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
         nn.init.normal_(self.conv_seg.weight, mean=0.0, std=0.01)

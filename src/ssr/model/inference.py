@@ -63,6 +63,17 @@ class Inference:
         self.ratios = tuple(float(r) for r in ratios)
         self.flip = flip
 
+    def for_model(self, model: nn.Module) -> Inference:
+        """This protocol, or the model's own where it has one: a segmentor with `test_protocol`
+        (HRDA: full resolution, sliding windows of the training crop, docs/hrda.md §2.4) fixes
+        mode, resize, window and stride; `window_batch` and test-time augmentation stay."""
+        protocol = getattr(model, "test_protocol", None)
+        if not protocol:
+            return self
+        return Inference(
+            window_batch=self.window_batch, ratios=self.ratios, flip=self.flip, **protocol
+        )
+
     @property
     def augmented(self) -> bool:
         """Whether several views (scales, flips) are averaged."""

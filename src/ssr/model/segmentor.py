@@ -8,11 +8,12 @@ The UDA loop never calls the backbone or the head directly. A training forward i
 `views = train_views(x)`, `feats = [features(v.image) for v in views]`,
 `predictions = decode_train(feats, views)`: each view is one image the backbone sees and the part of
 the crop it shows, each prediction one supervised output with its loss weight and label region.
-For this segmentor that is one view (the crop) and one prediction. A multi-resolution segmentor
-(HRDA: a downscaled context view and a full-resolution detail crop, fused by a scale-attention
-head) returns two views and two predictions (fused 0.9, detail 0.1) through the same methods, so
-the teacher, FD, MIC and SSR work with either. `forward(x)` returns logits at the size of `x`: the
-teacher's pseudo-label pass and the window model of `ssr.model.inference.Inference`.
+For this segmentor that is one view (the crop) and one prediction. The multi-resolution
+`ssr.model.hrda.HRDASegmentor` (a downscaled context view and a full-resolution detail crop, fused
+by a scale-attention head) returns two views and two predictions (fused 0.9, detail 0.1) through
+the same methods, so the teacher, FD, MIC and SSR work with either. `forward(x)` returns logits
+at the size of `x`: the teacher's pseudo-label pass and the window model of
+`ssr.model.inference.Inference`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -79,8 +81,9 @@ class Segmentor(nn.Module):
         """Logits resized to the input size (mmseg's `encode_decode`): (B, K, H, W)."""
         return resize(self.decode(self.features(x)), x.shape[-2:])
 
-    def train_views(self, x: Tensor) -> list[View]:
-        """The images of one training forward: here the crop itself."""
+    def train_views(self, x: Tensor, rng: np.random.Generator | None = None) -> list[View]:
+        """The images of one training forward: here the crop itself (`rng`: for segmentors that
+        draw random views, unused here)."""
         return [View(x)]
 
     def decode_train(

@@ -63,8 +63,11 @@ def train_exit(root: Path, run: Path, monkeypatch: pytest.MonkeyPatch, *extra: s
         ("trainer.max_steps=0", "trainer.max_steps=0 must be an integer >= 1"),
         ("data.crop_size=[600,600]", "larger than the resized images"),
         ("uda.teacher.ignore_bottom=64", "cover the whole 64-row target crop"),
+        ("data.pseudo_margins=[4,30,4]", "data.pseudo_margins=[4, 30, 4] must be four integers"),
+        ("data.pseudo_margins=[4,30,4,4]", "crop rows exclude each other"),  # HRDA asserts it
         ("uda.masking.ratio=1.5", "MIC mask ratio=1.5 must be in [0, 1]"),  # a constructor's
         ("float32_matmul_precision=fast", "choose one of highest, high, medium"),
+        ("model=hrda_tiny model.hr_crop_size=[96,96]", "larger than the training crop"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_2_before_training(
@@ -75,7 +78,7 @@ def test_a_bad_setting_is_one_line_and_exit_2_before_training(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert train_exit(synthetic_root, tmp_path / "run", monkeypatch, override) == 2
+    assert train_exit(synthetic_root, tmp_path / "run", monkeypatch, *override.split()) == 2
     one_error_line(capsys, needle)
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -145,6 +145,26 @@ def test_pseudo_label_weight_and_crop_rows_by_hand() -> None:
     torch.testing.assert_close(weight_all, torch.ones(b, h, w))
 
 
+def test_valid_mask_zeroes_the_weight_after_q_counts_every_pixel() -> None:
+    # 1 image of 4x4, 2 classes: the top row confident (0.99), the rest not (0.9) -> q = 4/16.
+    # The valid mask removes the top row: q stays 0.25 (HRDA counts the margins in q), the top
+    # row's weight becomes 0 and so does the masked right column.
+    gap = torch.full((1, 4, 4), math.log(9.0))
+    gap[:, 0] = math.log(99.0)
+    logits = torch.stack([gap / 2, -gap / 2], dim=1)
+    valid = torch.ones(1, 4, 4)
+    valid[:, 0], valid[:, :, 3] = 0.0, 0.0
+    teacher = EMATeacher(FixedLogits(logits), ignore_top=0, ignore_bottom=0)
+    label, weight = teacher.pseudo_label(torch.zeros(1, 3, 4, 4), valid)
+    assert torch.equal(label, torch.zeros(1, 4, 4, dtype=torch.long))
+    expected = torch.tensor([[0.0] * 4] + [[0.25, 0.25, 0.25, 0.0]] * 3).unsqueeze(0)
+    torch.testing.assert_close(weight, expected)
+    _, unmasked = teacher.pseudo_label(torch.zeros(1, 3, 4, 4))
+    torch.testing.assert_close(unmasked, torch.full((1, 4, 4), 0.25))
+    with pytest.raises(ValueError, match="valid mask"):
+        teacher.pseudo_label(torch.zeros(1, 3, 4, 4), valid[:, None])
+
+
 def test_default_crop_rows_on_512_rows() -> None:
     logits = torch.zeros(1, 2, 512, 4)
     logits[:, 0] = 10.0  # confidence ~1 everywhere -> q = 1

@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from ssr.data.datasets import CityscapesDataset, GTA5Dataset, image_size
 from ssr.data.rcs import RareClassSampler
 from ssr.data.transforms import (
+    margin_mask,
+    pseudo_margins_setting,
     rescale_size,
     source_train_transform,
     target_train_transform,
@@ -79,11 +81,13 @@ class _CropRecorder:
 
 
 class UDATrainDataset(Dataset):
-    """Training pairs of §4.1: {src_img, src_lbl, src_crop[, tgt_img, tgt_crop], index}, a pure
-    function of (seed, i); the crops are `CropRecord`s.
+    """Training pairs of §4.1: {src_img, src_lbl, src_crop[, tgt_img, tgt_crop[, tgt_valid]],
+    index}, a pure function of (seed, i); the crops are `CropRecord`s.
 
     With RCS the source crop is re-drawn (new crop and flip, same file) up to ``max_rcs_tries``
     times until it keeps enough pixels of the drawn class; the next draw is accepted unchecked.
+    With ``pseudo_margins`` the target's `margin_mask` rides through the target pipeline as its
+    ``mask``: the pipeline draws the same numbers with or without it, so the stream is unchanged.
     """
 
     def __init__(
@@ -93,10 +97,12 @@ class UDATrainDataset(Dataset):
         rcs: RareClassSampler | None,
         seed: int,
         max_rcs_tries: int = 10,
+        pseudo_margins: tuple[int, int, int, int] | None = None,
     ):
         self.source, self.target, self.rcs = source, target, rcs
         self.seed = seed
         self.max_rcs_tries = max_rcs_tries
+        self.pseudo_margins = pseudo_margins
 
     def __len__(self) -> int:
         # Nominal size, as the reference's |source|·|target|; the sampler ignores it.
@@ -136,8 +142,14 @@ class UDATrainDataset(Dataset):
             _seed_transform(self.target.transform, tgt_seed)
             tgt_image, _ = self.target.read(tgt_index)
             tgt_tf = _CropRecorder(self.target.transform)
-            out["tgt_img"] = self.target.make_item(tgt_index, tgt_image, None, tgt_tf)["img"]
+            valid = None
+            if self.pseudo_margins is not None:  # at the file's size, before the pipeline
+                valid = margin_mask(*tgt_image.shape[:2], self.pseudo_margins)
+            tgt = self.target.make_item(tgt_index, tgt_image, valid, tgt_tf)
+            out["tgt_img"] = tgt["img"]
             out["tgt_crop"] = CropRecord(_relative(self.target, tgt_index), tgt_tf.box)
+            if valid is not None:  # padding (255) would be invalid too; it never happens
+                out["tgt_valid"] = tgt["label"].eq(1).float()
         return out
 
 
@@ -179,13 +191,24 @@ def _check_crop_fits(dataset: Any, resize: tuple[int, int], crop: tuple[int, int
         )
 
 
+def _check_margins_fit(dataset: Any, margins: tuple[int, int, int, int]) -> None:
+    """Margins covering a whole target image would zero every pseudo-label: refuse them."""
+    height, width = image_size(dataset.images[0])
+    top, bottom, left, right = margins
+    if top + bottom >= height or left + right >= width:
+        raise ConfigError(
+            f"data.pseudo_margins {list(margins)} cover the whole {width}x{height} image of "
+            f"{dataset.root}: no pseudo-label would count; lower them"
+        )
+
+
 class UDADataModule(LightningDataModule):
     """GTA5 -> Cityscapes data for UDA training and Cityscapes validation.
 
     Train batch: ``src_img`` (B, 3, h, w) normalised, ``src_lbl`` (B, h, w) int64 (255 = ignore),
     ``tgt_img`` (B, 3, h, w) (absent with ``with_target=False``, for source-only runs),
     ``src_crop`` / ``tgt_crop`` (`CropRecord`s), ``index`` (B,) int64 sample indices (what makes
-    resuming exact).
+    resuming exact), and with ``pseudo_margins`` ``tgt_valid`` (B, h, w) float 0/1.
     Val/test batch (batch size 1): ``img`` (1, 3, h', w') at test scale, ``label`` (1, H, W)
     int64 at full resolution, ``path``, ``ori_size``.
 
@@ -201,6 +224,10 @@ class UDADataModule(LightningDataModule):
         with_target: also load target training crops (False: source-only baseline).
         align_label_to_image: deviation from the reference, see ``GTA5Dataset``.
         seed: seed of the training sample stream; None = ``torch.initial_seed()`` at setup.
+        pseudo_margins: HRDA's valid-pseudo-label mask: [top, bottom, left, right] pixels of the
+            full target image whose pseudo-labels get weight 0 ([30, 240, 30, 30]), delivered as
+            ``tgt_valid``. Built at each image's file size, not HRDA's hard-coded 1024x2048
+            (identical for native Cityscapes). Padding would be invalid (HRDA: 255); none occurs.
     """
 
     def __init__(
@@ -219,6 +246,7 @@ class UDADataModule(LightningDataModule):
         with_target: bool = True,
         align_label_to_image: bool = False,
         seed: int | None = None,
+        pseudo_margins: Sequence[int] | None = None,
     ):
         super().__init__()
         self.source_root, self.target_root = str(source_root), str(target_root)
@@ -235,6 +263,7 @@ class UDADataModule(LightningDataModule):
         self.val_split, self.with_target = val_split, with_target
         self.align_label_to_image = align_label_to_image
         self.seed = seed
+        self.pseudo_margins = pseudo_margins_setting(pseudo_margins, "data.pseudo_margins")
         self.next_index = 0
         self.rcs_sampler: RareClassSampler | None = None
         self.train_set: UDATrainDataset | None = None
@@ -270,6 +299,8 @@ class UDADataModule(LightningDataModule):
         for dataset, resize in ((source, self.source_resize), (target, self.target_resize)):
             if dataset is not None:
                 _check_crop_fits(dataset, resize, self.crop_size)
+        if target is not None and self.pseudo_margins is not None:
+            _check_margins_fit(target, self.pseudo_margins)
         if self.seed is None:
             self.seed = torch.initial_seed()  # the global seed after seed_everything
         if self.rcs_config is not None:
@@ -281,7 +312,9 @@ class UDADataModule(LightningDataModule):
                 available=source.label_index.keys(),
                 seed=self.seed,
             )
-        return UDATrainDataset(source, target, self.rcs_sampler, self.seed)
+        return UDATrainDataset(
+            source, target, self.rcs_sampler, self.seed, pseudo_margins=self.pseudo_margins
+        )
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0

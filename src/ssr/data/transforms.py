@@ -12,6 +12,7 @@ whose image and label sizes differ behave as in the reference (§7.5).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
@@ -20,7 +21,7 @@ import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 from ssr.data.labels import IGNORE_INDEX, MEAN, STD
-from ssr.errors import ConfigError
+from ssr.errors import ConfigError, int_setting
 
 
 def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -32,6 +33,32 @@ def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, 
     long_target, short_target = max(scale), min(scale)
     factor = min(long_target / max(height, width), short_target / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def pseudo_margins_setting(value: Any, name: str) -> tuple[int, int, int, int] | None:
+    """None (no mask) or four integers >= 0 [top, bottom, left, right] (see `margin_mask`)."""
+    if value is None:
+        return None
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 4:
+        raise ConfigError(
+            f"{name}={value!r} must be four integers >= 0: [top, bottom, left, right]"
+        )
+    top, bottom, left, right = (int_setting(v, f"{name}[{i}]", 0) for i, v in enumerate(value))
+    return top, bottom, left, right
+
+
+def margin_mask(height: int, width: int, margins: tuple[int, int, int, int]) -> np.ndarray:
+    """HRDA's valid-pseudo-label mask of a full image: uint8 1, 0 in the [top, bottom, left, right]
+    margins (official HRDA ``mmseg/datasets/cityscapes.py``, ``crop_pseudo_margins``).
+
+    Built before the training pipeline, so it is resized (nearest), cropped and flipped with the
+    image: a crop at the periphery of the image loses those pixels' pseudo-labels, one inside
+    keeps them.
+    """
+    top, bottom, left, right = margins
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[top : height - bottom, left : width - right] = 1
+    return mask
 
 
 class KeepRatioResize(A.DualTransform):

@@ -83,13 +83,15 @@ class EMATeacher(nn.Module):
             torch._foreach_lerp_(t_params, s_params, 1.0 - self.alpha_at(step))
 
     @torch.no_grad()
-    def pseudo_label(self, img: Tensor) -> tuple[Tensor, Tensor]:
+    def pseudo_label(self, img: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Teacher pseudo-labels (B, H, W) int64 and their weight (B, H, W) float (§4.5).
 
         The weight is one scalar for the whole batch, q = fraction of the batch's pixels whose max
         softmax probability is ≥ `threshold`, set to 0 in the first `ignore_top` and the last
         `ignore_bottom` rows (ego-vehicle / rectification artefacts). Low-confidence pixels keep
-        their label and weight q.
+        their label and weight q. `valid` (B, H, W) 0/1, HRDA's pseudo-label margin mask (the
+        datamodule's ``tgt_valid``), multiplies the weight; q still counts every pixel, margins
+        included, as HRDA's ``dacs.py`` does.
         """
         self._set_pseudo_label_mode()
         logits = self.model(img)
@@ -103,6 +105,12 @@ class EMATeacher(nn.Module):
         weight[:, : self.ignore_top] = 0.0
         if self.ignore_bottom > 0:
             weight[:, -self.ignore_bottom :] = 0.0
+        if valid is not None:
+            if valid.shape != weight.shape:  # a (B, 1, H, W) mask would broadcast silently
+                raise ValueError(
+                    f"valid mask {tuple(valid.shape)} != pseudo-labels {tuple(weight.shape)}"
+                )
+            weight = weight * valid
         return label, weight
 
     @torch.no_grad()

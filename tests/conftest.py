@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import cv2
@@ -22,6 +23,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 # Set by .ci/run: a missing real-data fixture folder fails the tests instead of skipping them.
 REQUIRE_FIXTURES = os.environ.get("SSR_REQUIRE_FIXTURES") == "1"
+
+# A suite started in the background (`make test &`, some CI runners) inherits an ignored SIGINT, and
+# the runs under test then rightly leave Ctrl-C alone; the Ctrl-C tests need a terminal's handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,7 +195,7 @@ class TwoViewSegmentor(Segmentor):
 
     box = (0, 32, 0, 32)
 
-    def train_views(self, x: Tensor) -> list[View]:
+    def train_views(self, x: Tensor, rng: np.random.Generator | None = None) -> list[View]:
         y1, y2, x1, x2 = self.box
         context = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
         return [View(context), View(x[:, :, y1:y2, x1:x2], self.box)]

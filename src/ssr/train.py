@@ -72,7 +72,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # scan the datasets first: a bad layout fails before any model is built
     module = build_module(cfg)
+    if module.inference.resize != datamodule.test_resize:  # HRDA validates at full resolution
+        log.info(f"Validation images at the model's test scale: {module.inference!r}")
+        datamodule.test_resize, datamodule.val_set = module.inference.resize, None
+        datamodule.setup("validate")
     _check_crop_rows(cfg, module)
+    _check_detail_view(cfg, module)
     if resume is not None:  # before any logger or callback writes into the run folder
         _check_resume(resume, config, module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -105,13 +110,33 @@ def _check_run_settings(cfg: DictConfig) -> None:
 
 
 def _check_crop_rows(cfg: DictConfig, module: UDAModule) -> None:
-    """The pseudo-label crop must leave rows of the target crop to learn from."""
+    """The pseudo-label crop must leave rows of the target crop to learn from, and HRDA's margin
+    mask replaces it (the official HRDA ``dacs.py`` asserts that both are not used together)."""
     teacher, height = module.teacher, int(cfg.data.crop_size[0])
-    if teacher is not None and teacher.ignore_top + teacher.ignore_bottom >= height:
+    if teacher is None:
+        return
+    top, bottom = teacher.ignore_top, teacher.ignore_bottom
+    if top + bottom > 0 and cfg.data.get("pseudo_margins") is not None:
         raise ConfigError(
-            f"uda.teacher.ignore_top + ignore_bottom = {teacher.ignore_top} + "
-            f"{teacher.ignore_bottom} rows cover the whole {height}-row target crop "
-            "(data.crop_size): no pseudo-label would count; lower them"
+            f"data.pseudo_margins and uda.teacher.ignore_top / ignore_bottom = {top} / {bottom} "
+            "crop rows exclude each other (HRDA); set both rows to 0 or data.pseudo_margins=null"
+        )
+    if top + bottom >= height:
+        raise ConfigError(
+            f"uda.teacher.ignore_top + ignore_bottom = {top} + {bottom} rows cover the whole "
+            f"{height}-row target crop (data.crop_size): no pseudo-label would count; lower them"
+        )
+
+
+def _check_detail_view(cfg: DictConfig, module: UDAModule) -> None:
+    """HRDA's detail view is a window of the training crop: it cannot be larger than the crop."""
+    hr_crop = getattr(module.model, "hr_crop_size", None)
+    crop = [int(c) for c in cfg.data.crop_size]
+    if hr_crop is not None and any(h > c for h, c in zip(hr_crop, crop, strict=True)):
+        raise ConfigError(
+            f"model.hr_crop_size {list(hr_crop)} is larger than the training crop "
+            f"data.crop_size {crop}: HRDA's detail view is a window of the crop (512 of 1024 in "
+            "the paper); use data=gtaHR2csHR or a smaller model.hr_crop_size"
         )
 
 

@@ -47,18 +47,25 @@ def weighted_ce(
 
 
 def seg_loss(
-    predictions: Sequence[Prediction], label: Tensor, weight: Tensor | None = None
+    predictions: Sequence[Prediction],
+    label: Tensor,
+    weight: Tensor | None = None,
+    scale: float = 1.0,
 ) -> Tensor:
     """Σ_k w_k · CE(logits_k, label and weight inside box_k) over a training forward's outputs.
 
     One prediction of weight 1 over the whole crop (DAFormer) is exactly `weighted_ce`; a
-    multi-resolution segmentor adds weighted terms on sub-regions of the crop.
+    multi-resolution segmentor adds weighted terms on sub-regions of the crop. `scale` multiplies
+    the whole-crop terms only: MIC's λ scales HRDA's fused loss, not its detail loss (the
+    reference's `mask_lambda`, docs/hrda.md §5); with one prediction it scales the loss.
     """
     total: Tensor | None = None
     for p in predictions:
         term = weighted_ce(p.logits, _crop(label, p.box), _crop(weight, p.box))
         if p.weight != 1.0:
             term = p.weight * term
+        if scale != 1.0 and p.box is None:
+            term = scale * term
         total = term if total is None else total + term
     if total is None:
         raise ValueError("seg_loss needs at least one prediction")

@@ -96,7 +96,8 @@ class UDAModule(pl.LightningModule):
         self.model_config: dict[str, Any] | None = None
         self.model = segmentor
         self.optim_cfg = OmegaConf.create(optim)
-        self.inference = inference or Inference()
+        # A segmentor with its own test protocol (HRDA) overrides the configured one.
+        self.inference = (inference or Inference()).for_model(segmentor)
         if self.inference.augmented:
             raise UDAConfigError(
                 "validation runs one view at the test scale: test-time augmentation "
@@ -140,7 +141,7 @@ class UDAModule(pl.LightningModule):
         else:
             xt = batch["tgt_img"]
             self.teacher.update(self.model, self.global_step)  # EMA, §4.4
-            pl_lbl, pl_w = self.teacher.pseudo_label(xt)  # §4.5
+            pl_lbl, pl_w = self.teacher.pseudo_label(xt, batch.get("tgt_valid"))  # §4.5
             mixed = self.mixing(xs, ys, xt, pl_lbl, pl_w)  # ClassMix + strong aug, §4.6-§4.7
             self._stash_target(xt, pl_lbl, pl_w, mixed)
             sam_src, sam_mix = self._sam_features(xs, mixed, batch)  # SSR, §6.3
@@ -168,7 +169,9 @@ class UDAModule(pl.LightningModule):
         self._log_train(logs | {"lr": torch.tensor(sched.get_last_lr()[0])})
 
     def _student(self, x: Tensor) -> StudentPass:
-        views = self.model.train_views(x)
+        # Random views (HRDA's detail box) draw from the mixing stream, which checkpoints keep.
+        rng = self.mixing.np_rng if self.mixing is not None else None
+        views = self.model.train_views(x, rng=rng)
         return StudentPass(views, [self.model.features(v.image) for v in views])
 
     def _supervised(
@@ -183,7 +186,7 @@ class UDAModule(pl.LightningModule):
     ) -> dict[str, Tensor]:
         """The shadow branch's loss (+ SSR's enhanced loss on the same features), one backward."""
         predictions = self.model.decode_train(student.feats, student.views)
-        losses = {name: scale * seg_loss(predictions, label, weight)}
+        losses = {name: seg_loss(predictions, label, weight, scale=scale)}
         if self.debug is not None:  # only on the steps a debug panel is drawn
             self._stash(**{name.removesuffix("_ce") + "_pred": predictions[0].logits.argmax(1)})
         if sam_feats is not None:

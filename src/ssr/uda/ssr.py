@@ -27,6 +27,8 @@ from ssr.uda.sam_encoder import SamEncoder
 from ssr.uda.sam_features import CachedSamFeatures, OnlineSamFeatures
 
 ATTENTION_MODES = ("sdpa", "explicit")
+VIEW_MODES = ("all", "context")  # which views of a multi-view segmentor receive SAM features
+DETAIL_KEYS = ("shared", "own_view")  # the detail view's SAM tokens: the crop's, or its own
 
 
 class StageProjection(nn.Module):
@@ -88,6 +90,13 @@ class SSRRegularizer(nn.Module):
         attention: "sdpa" (fused kernel) or "explicit" (reference formulation).
         cache_dir: opt-in deviation: a folder written by `python -m ssr.uda.sam_cache`; the step's
             SAM features are then cut from it instead of computed online.
+        views: with HRDA (this project's design, docs/hrda.md §8): "all" fuses SAM into the
+            context and the detail view (option B), "context" only into the context view and
+            drops the enhanced detail-crop loss, which would equal the shadow's (option A). A
+            one-view segmentor (DAFormer) is the same under both.
+        detail_keys: with HRDA and views="all": "shared" = the detail view attends to the crop's
+            SAM tokens (B); "own_view" = to SAM's tokens of the detail view itself, upsampled to
+            SAM's input like SSR's 512 crops (option C: twice the SAM forwards, no cache).
     """
 
     def __init__(
@@ -99,8 +108,20 @@ class SSRRegularizer(nn.Module):
         loss_weight: float = 1.0,
         attention: str = "sdpa",
         cache_dir: str | None = None,
+        views: str = "all",
+        detail_keys: str = "shared",
     ) -> None:
         super().__init__()
+        if views not in VIEW_MODES:
+            raise ConfigError(f"uda.sam.views={views!r}; choose one of {VIEW_MODES}")
+        if detail_keys not in DETAIL_KEYS:
+            raise ConfigError(f"uda.sam.detail_keys={detail_keys!r}; choose one of {DETAIL_KEYS}")
+        if detail_keys == "own_view" and (views != "all" or cache_dir):
+            raise ConfigError(
+                "uda.sam.detail_keys=own_view needs uda.sam.views=all and SAM online "
+                "(uda.sam.cache_dir=null): the detail view's tokens depend on its random box"
+            )
+        self.views, self.detail_keys = views, detail_keys
         if len(stage_dims) != len(stage_heads):
             raise ConfigError(
                 f"stage_dims {list(stage_dims)} and stage_heads {list(stage_heads)} differ"
@@ -168,12 +189,21 @@ class SSRRegularizer(nn.Module):
         """The regularisation branch's loss on one training forward, and its fused features.
 
         The fused maps go through the segmentor's own decode head (its BatchNorm statistics see
-        them too, §6.10.4) with the shadow branch's labels and weights (§6.7).
+        them too, §6.10.4) with the shadow branch's labels and weights (§6.7). With several
+        views (HRDA) `views` and `detail_keys` choose which are fused with which SAM tokens.
         """
-        fused = [self.fuse(f, sam_feats) for f in feats]
-        return self.loss_weight * seg_loss(
-            segmentor.decode_train(fused, views), label, weight
-        ), fused
+        fused = [self.fuse(feats[0], sam_feats)]
+        for view, f in zip(views[1:], feats[1:], strict=True):
+            if self.views == "context":
+                fused.append(f)
+            elif self.detail_keys == "own_view":
+                fused.append(self.fuse(f, self.encoder(view.image)))
+            else:
+                fused.append(self.fuse(f, sam_feats))
+        predictions = segmentor.decode_train(fused, views)
+        if self.views == "context" and len(views) > 1:  # the detail loss equals the shadow's
+            predictions = [p for p in predictions if p.box is None]
+        return self.loss_weight * seg_loss(predictions, label, weight), fused
 
     def named_trainable_parameters(self, prefix: str = "") -> Iterator[tuple[str, nn.Parameter]]:
         """Projection/fusion parameters of the selected stages; SAM is never among them."""

@@ -1,13 +1,17 @@
 """Does self-training close the synthetic domain gap? Target-val mIoU per method, over seeds.
 
-Trains the tiny DAFormer on the synthetic GTA5 -> Cityscapes shift (`ssr.data.synthetic`) with one
-step budget for every method and every seed, each as `python -m ssr.train experiment=<name>`:
+Trains the tiny DAFormer (and the tiny HRDA) on the synthetic GTA5 -> Cityscapes shift
+(`ssr.data.synthetic`) with one step budget for every method and every seed, each as
+`python -m ssr.train experiment=<name>`:
   source_only  experiment=demo           supervised on the source only (the lower bound)
   daformer     experiment=demo_daformer  DACS self-training + RCS + PL crop (docs/method.md §4)
   mic          experiment=demo_mic       + masked image consistency (§5)
   ssr          experiment=demo_ssr       DAFormer + SSR with a tiny random-weight SAM (§6);
                                          exercises the path, no accuracy claim
   mic_ssr      experiment=demo_mic_ssr   MIC + SSR, tiny random-weight SAM
+  hrda         experiment=demo_hrda      HRDA (tiny): context + detail views, scale attention,
+                                         at the synthetic frames' native size (docs/hrda.md)
+  mic_ssr_hrda experiment=demo_mic_ssr_hrda  MIC(HRDA) + SSR on HRDA (this project's design)
   oracle       experiment=demo           supervised on the *target* train split with its labels
                                          (the upper bound: the domain gap must be real)
   daformer_no_pl (ablation, on request)  daformer with all pseudo-label weights 0
@@ -47,7 +51,7 @@ import torch
 from ssr.data.synthetic import generate_prepared
 from ssr.errors import UserError
 from ssr.io import atomic_write_json
-from ssr.report import Group, read_run
+from ssr.report import Group, Run
 from ssr.run.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +63,8 @@ METHODS: dict[str, tuple[str, dict[str, str], str]] = {
     "mic": ("demo_mic", {}, "MIC(DAFormer)"),
     "ssr": ("demo_ssr", {}, "SSR(DAFormer), tiny random SAM"),
     "mic_ssr": ("demo_mic_ssr", {}, "MIC + SSR, tiny random SAM"),
+    "hrda": ("demo_hrda", {}, "HRDA (context + detail views)"),
+    "mic_ssr_hrda": ("demo_mic_ssr_hrda", {}, "MIC(HRDA) + SSR, tiny random SAM"),
     "oracle": (
         "demo",
         {
@@ -78,7 +84,7 @@ METHODS: dict[str, tuple[str, dict[str, str], str]] = {
         "DAFormer, pseudo-label weight 0 (ablation)",
     ),
 }
-DEFAULT = ["source_only", "daformer", "mic", "ssr", "mic_ssr", "oracle"]
+DEFAULT = ["source_only", "daformer", "mic", "ssr", "mic_ssr", "hrda", "mic_ssr_hrda", "oracle"]
 
 
 class BenchmarkError(UserError):
@@ -171,13 +177,15 @@ def _rel(text: str) -> str:
 
 
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
-    """Mean ± sample std of mIoU and aAcc per method, with `ssr.report`'s statistics."""
+    """Mean ± sample std of mIoU and aAcc per method, with `ssr.report`'s statistics, from the
+    report's own records (an extended report's earlier run folders may be gone)."""
     summary = {}
     for name, per_seed in report["results"].items():
         group = Group(name)
-        for r in per_seed.values():
-            metrics = ROOT / r["run_dir"] / "metrics.json"
-            group.runs.append(read_run(metrics, metrics.parent.parent, ["seed"]))
+        for seed, r in per_seed.items():
+            group.runs.append(
+                Run(r["run_dir"], name, int(seed), r["mIoU"], r["aAcc"], r["IoU"], None)
+            )
         stats = {m: group.stat(m) for m in ("mIoU", "aAcc")}
         summary[name] = {
             "seeds": sorted(int(s) for s in per_seed),
@@ -190,7 +198,7 @@ def markdown(report: dict[str, Any]) -> str:
     summary = report["summary"]
     base = summary.get("source_only", {}).get("mIoU", {}).get("mean")
     lines = [
-        f"Synthetic shift, tiny DAFormer, {report['steps']} steps, target val "
+        f"Synthetic shift, tiny models, {report['steps']} steps, target val "
         f"({report['data']['num_target_val']} images), mean ± std over seeds {report['seeds']}",
         "",
         "| method | experiment | target mIoU | Δ vs source-only | aAcc |",

@@ -314,3 +314,17 @@ def test_for_model_hrda_protocol_keeps_batching_and_tta(
         "crop_size": (1024, 1024),
         "stride": (512, 512),
     }
+
+
+def test_flip_tta_on_hrda_is_the_mean_of_two_protocol_passes(hrda: HRDASegmentor) -> None:
+    """tta=flip on an HRDA model: the softmax of its own protocol (sliding windows at full
+    resolution) on the image and on its mirror, averaged, as for DAFormer."""
+    img = torch.randn(1, 3, 128, 256, generator=torch.Generator().manual_seed(3))
+    inference = Inference("whole", (1024, 512), flip=True).for_model(hrda)
+    plain = Inference("whole", (1024, 512)).for_model(hrda)
+    with torch.inference_mode():
+        probs = inference.probs(hrda, [img], (128, 256))
+        one = plain.probs(hrda, [img], (128, 256))
+        mirrored = plain.probs(hrda, [img.flip(-1)], (128, 256)).flip(-1)
+    torch.testing.assert_close(probs, (one + mirrored) / 2, rtol=0, atol=1e-6)
+    assert not torch.allclose(one, mirrored, atol=1e-3)  # the flip is not a no-op here

@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
-from uda_memory import _batch, _compose, _imagenet_file
+from uda_memory import _batch, _compose, _imagenet_file, one_step_trainer
 
 from ssr.io import atomic_write_json
 from ssr.train import build_module
@@ -63,17 +62,7 @@ def one_step(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(0)
         module = build_module(cfg)
     device = torch.device(args.device)
-    trainer = pl.Trainer(
-        accelerator=args.device,
-        devices=1,
-        precision=args.precision,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = one_step_trainer(args.device, args.precision)
     loader = DataLoader([_batch(args.size, args.batch)], batch_size=None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

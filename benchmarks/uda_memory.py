@@ -62,6 +62,21 @@ def _batch(size: int, batch: int) -> dict[str, Any]:
     }
 
 
+def one_step_trainer(device: str, precision: str = "32-true") -> pl.Trainer:
+    """A quiet trainer for exactly one optimiser step, without validation or checkpoints."""
+    return pl.Trainer(
+        accelerator=device,
+        devices=1,
+        precision=precision,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+
+
 def step_peak(
     experiment: str, single: bool, args: argparse.Namespace, weights: Path, fd: DictConfig
 ) -> dict[str, Any]:
@@ -79,16 +94,7 @@ def step_peak(
         cfg.uda.fd = fd
     torch.manual_seed(0)
     module = build_module(cfg)
-    trainer = pl.Trainer(
-        accelerator=args.device,
-        devices=1,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = one_step_trainer(args.device)
     loader = DataLoader([_batch(args.size, args.batch)], batch_size=None)
     start = time.perf_counter()
     peak, _ = peak_bytes(torch.device(args.device), lambda: trainer.fit(module, loader))

@@ -4,6 +4,8 @@ worked out by hand (or by a formula restated here), never produced by the code u
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,16 @@ def hrda() -> HRDASegmentor:
     dropout is off and BN uses running stats: each head call is batch-independent, repeatable."""
     torch.manual_seed(0)
     return instantiate(compose_cfg("train", "model=hrda_tiny").model).eval()
+
+
+def input_shapes(module: torch.nn.Module, fn: Callable[[], Tensor]) -> tuple[list, Tensor]:
+    """(the input shape of each call of `module` while `fn` runs, fn's result)."""
+    calls: list[tuple[int, ...]] = []
+    handle = module.register_forward_pre_hook(lambda m, a: calls.append(tuple(a[0].shape)))
+    try:
+        return calls, fn()
+    finally:
+        handle.remove()
 
 
 # ----------------------------------------------------------------------------- detail box
@@ -240,12 +252,7 @@ def test_forward_runs_context_plus_nine_overlapping_detail_windows(hrda: HRDASeg
     band of the 32² canvas; logits bilinearly resized to the input."""
     assert window_spans(128, 64, 32) == [(0, 64), (32, 96), (64, 128)]
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
-    calls: list[tuple[int, ...]] = []
-    handle = hrda.backbone.register_forward_pre_hook(lambda m, a: calls.append(tuple(a[0].shape)))
-    try:
-        out = hrda(x)
-    finally:
-        handle.remove()
+    calls, out = input_shapes(hrda.backbone, lambda: hrda(x))
     assert calls == [(2, 3, 64, 64), (18, 3, 64, 64)]
     assert out.shape == (2, K, 128, 128)
     canvas = torch.zeros(2, K, 32, 32)
@@ -266,12 +273,7 @@ def test_forward_pads_sides_that_are_not_multiples_of_8(hrda: HRDASegmentor) -> 
     """100×76 is padded to 104×80 at the bottom/right (context 52×40; detail windows 3 × 2) and
     the logits are cut back to 100×76."""
     x = torch.randn(1, 3, 100, 76, generator=torch.Generator().manual_seed(3))
-    calls: list[tuple[int, ...]] = []
-    handle = hrda.backbone.register_forward_pre_hook(lambda m, a: calls.append(tuple(a[0].shape)))
-    try:
-        out = hrda(x)
-    finally:
-        handle.remove()
+    calls, out = input_shapes(hrda.backbone, lambda: hrda(x))
     assert calls == [(1, 3, 52, 40), (6, 3, 64, 64)]
     assert out.shape == (1, K, 100, 76)
     torch.testing.assert_close(out, hrda(F.pad(x, (0, 4, 0, 4)))[..., :100, :76])
@@ -285,13 +287,8 @@ def test_outer_test_protocol_slides_three_windows_over_a_wide_image(hrda: HRDASe
     assert window_spans(128, 128, 64) == [(0, 128)]
     assert window_spans(256, 128, 64) == [(0, 128), (64, 192), (128, 256)]
     img = torch.randn(1, 3, 128, 256, generator=torch.Generator().manual_seed(4))
-    calls: list[int] = []
-    handle = hrda.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-    try:
-        logits = inference._slide(hrda, img)
-    finally:
-        handle.remove()
-    assert calls == [2, 1]  # 3 windows, window_batch 2
+    calls, logits = input_shapes(hrda, lambda: inference._slide(hrda, img))
+    assert [shape[0] for shape in calls] == [2, 1]  # 3 windows, window_batch 2
     stitched = torch.zeros(1, K, 128, 256)
     for x0 in (0, 64, 128):
         stitched[..., x0 : x0 + 128] += hrda(img[..., x0 : x0 + 128])

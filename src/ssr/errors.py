@@ -26,8 +26,18 @@ def int_setting(value: Any, name: str, minimum: int) -> int:
     return value
 
 
+def ints_setting(
+    value: Any, name: str, count: int, minimum: int, what: str = ""
+) -> tuple[int, ...]:
+    """`count` config integers >= `minimum` (`what` names them in the error, e.g. "[h, w]")."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != count:
+        words = {2: "two", 4: "four"}.get(count, str(count))
+        bound = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+        raise ConfigError(f"{name}={value!r} must be {words} {bound}{what}")
+    return tuple(int_setting(v, f"{name}[{i}]", minimum) for i, v in enumerate(value))
+
+
 def pair_setting(value: Any, name: str) -> tuple[int, int]:
     """Two positive config integers, e.g. a (height, width) or a (long, short) scale."""
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
-        raise ConfigError(f"{name}={value!r} must be two positive integers")
-    return int_setting(value[0], f"{name}[0]", 1), int_setting(value[1], f"{name}[1]", 1)
+    first, second = ints_setting(value, name, 2, 1)
+    return first, second

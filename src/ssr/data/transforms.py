@@ -12,7 +12,6 @@ whose image and label sizes differ behave as in the reference (§7.5).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
@@ -21,7 +20,7 @@ import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 from ssr.data.labels import IGNORE_INDEX, MEAN, STD
-from ssr.errors import ConfigError, int_setting
+from ssr.errors import ConfigError, ints_setting
 
 
 def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -39,11 +38,7 @@ def pseudo_margins_setting(value: Any, name: str) -> tuple[int, int, int, int] |
     """None (no mask) or four integers >= 0 [top, bottom, left, right] (see `margin_mask`)."""
     if value is None:
         return None
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 4:
-        raise ConfigError(
-            f"{name}={value!r} must be four integers >= 0: [top, bottom, left, right]"
-        )
-    top, bottom, left, right = (int_setting(v, f"{name}[{i}]", 0) for i, v in enumerate(value))
+    top, bottom, left, right = ints_setting(value, name, 4, 0, ": [top, bottom, left, right]")
     return top, bottom, left, right
 
 

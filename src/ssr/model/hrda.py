@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssr.errors import ConfigError, pair_setting
-from ssr.model.inference import window_spans
+from ssr.model.inference import slide_windows
 from ssr.model.segmentor import Box, Prediction, View, resize
 
 HeadBuilder = nn.Module | Callable[..., nn.Module]
@@ -224,23 +224,15 @@ class HRDASegmentor(nn.Module):
         return resize(fused, x.shape[-2:])[..., :h, :w]
 
     def _slide_hr(self, x: Tensor) -> Tensor:
-        """Averaged detail logits (B, K, H/4, W/4) of overlapping `hr_crop_size` windows, window
-        k of every image batched window-major as in the reference."""
-        b, _, h, w = x.shape
-        (ch, cw), (sh, sw) = self.hr_crop_size, self.hr_slide_stride
-        boxes = [
-            (y0, y1, x0, x1)
-            for y0, y1 in window_spans(h, ch, sh)
-            for x0, x1 in window_spans(w, cw, sw)
-        ]
-        crops = torch.cat([x[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
-        logits = self.decode_head.head(self.features(crops))  # (n·B, K, ch/4, cw/4)
-        canvas = x.new_zeros((b, logits.shape[1], h // 4, w // 4))
-        count = x.new_zeros((1, 1, h // 4, w // 4))
-        for k, (y0, y1, x0, x1) in enumerate(boxes):
-            canvas[:, :, y0 // 4 : y1 // 4, x0 // 4 : x1 // 4] += logits[k * b : (k + 1) * b]
-            count[:, :, y0 // 4 : y1 // 4, x0 // 4 : x1 // 4] += 1
-        return canvas / count
+        """Averaged detail logits (B, K, H/4, W/4) of overlapping `hr_crop_size` windows, all in
+        one backbone and one head call, window-major as in the reference."""
+        return slide_windows(
+            lambda crops: self.decode_head.head(self.features(crops)),
+            x,
+            self.hr_crop_size,
+            self.hr_slide_stride,
+            out_stride=4,
+        )
 
 
 def _box_mask(like: Tensor, size: Sequence[int], box: Box, stride: int) -> Tensor:

@@ -13,7 +13,7 @@ test scale, each also flipped, their softmax probabilities at the original size 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -148,27 +148,45 @@ class Inference:
         return logits.argmax(dim=1), conf
 
     def _slide(self, model: nn.Module, img: Tensor) -> Tensor:
-        """Average the logits of overlapping windows; the last window in each direction is moved
-        back so that it ends at the image border (every pixel is covered at least once). Windows
-        run `window_batch` at a time (all windows have the same size)."""
-        b, _, h, w = img.shape
-        boxes = [
-            (y0, y1, x0, x1)
-            for y0, y1 in window_spans(h, self.crop_size[0], self.stride[0])
-            for x0, x1 in window_spans(w, self.crop_size[1], self.stride[1])
-        ]
-        logits: Tensor | None = None
-        count = img.new_zeros((1, 1, h, w))
-        for i in range(0, len(boxes), self.window_batch):
-            chunk = boxes[i : i + self.window_batch]
-            out = model(torch.cat([img[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk]))
-            if logits is None:
-                logits = img.new_zeros((b, out.shape[1], h, w))
-            for k, (y0, y1, x0, x1) in enumerate(chunk):
-                logits[:, :, y0:y1, x0:x1] += out[k * b : (k + 1) * b]
-                count[:, :, y0:y1, x0:x1] += 1
-        assert logits is not None
-        return logits / count
+        """Average the logits of overlapping windows, `window_batch` windows per call."""
+        return slide_windows(model, img, self.crop_size, self.stride, self.window_batch)
+
+
+def slide_windows(
+    fn: Callable[[Tensor], Tensor],
+    img: Tensor,
+    crop: Sequence[int],
+    stride: Sequence[int],
+    window_batch: int | None = None,
+    out_stride: int = 1,
+) -> Tensor:
+    """`fn`'s logits of overlapping `crop` windows of `img`, averaged where they overlap.
+
+    The last window in each direction is moved back so that it ends at the image border (every
+    pixel is covered at least once). Windows of every image are batched window-major,
+    `window_batch` windows per call of `fn` (None: all in one call, as HRDA's detail windows);
+    `fn` returns logits at 1/`out_stride` of its input's size (HRDA's head: 4).
+    """
+    b, _, h, w = img.shape
+    s = out_stride
+    boxes = [
+        (y0, y1, x0, x1)
+        for y0, y1 in window_spans(h, crop[0], stride[0])
+        for x0, x1 in window_spans(w, crop[1], stride[1])
+    ]
+    step = len(boxes) if window_batch is None else window_batch
+    logits: Tensor | None = None
+    count = img.new_zeros((1, 1, h // s, w // s))
+    for i in range(0, len(boxes), step):
+        chunk = boxes[i : i + step]
+        out = fn(torch.cat([img[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk]))
+        if logits is None:
+            logits = img.new_zeros((b, out.shape[1], h // s, w // s))
+        for k, (y0, y1, x0, x1) in enumerate(chunk):
+            logits[:, :, y0 // s : y1 // s, x0 // s : x1 // s] += out[k * b : (k + 1) * b]
+            count[:, :, y0 // s : y1 // s, x0 // s : x1 // s] += 1
+    assert logits is not None
+    return logits / count
 
 
 def window_spans(length: int, crop: int, stride: int) -> list[tuple[int, int]]:

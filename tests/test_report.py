@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,13 +16,19 @@ from helpers import compose_cfg, exit_code, run_cli
 
 
 def fake_run(
-    root: Path, job: str, overrides: list[str], miou: float, road: float, train: float | None
+    root: Path,
+    job: str,
+    overrides: list[str],
+    miou: float,
+    road: float,
+    train: float | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """A Hydra job folder as ssr.train leaves it: .hydra/overrides.yaml and metrics.json."""
     (root / job / ".hydra").mkdir(parents=True)
     (root / job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     iou = {c: 50.0 for c in CLASSES} | {"road": road, "train": train}
-    metrics = {"mIoU": miou, "IoU": iou, "aAcc": 90.0, "num_images": 500}
+    metrics = {"mIoU": miou, "IoU": iou, "aAcc": 90.0, "num_images": 500} | (extra or {})
     (root / job / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -119,3 +126,86 @@ def test_seed_sweep_config_is_a_three_seed_multirun() -> None:
     cfg = compose_cfg("train", "experiment=demo", "sweep=seeds", hydra=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.hydra.sweeper.params == {"seed": "0,1,2"}
+
+
+# ------------------------------------------------------------------ class subsets (mIoU16, mIoU13)
+SYN = "data=syn2cs"
+
+
+@pytest.fixture
+def synthia_sweep(tmp_path: Path) -> Path:
+    """Three SYNTHIA seeds with mIoU16 / mIoU13 in metrics.json, one GTA run without them."""
+    root = tmp_path / "multirun"
+    for job, (m16, m13) in enumerate([(50.0, 60.0), (52.0, 61.0), (54.0, 65.0)]):
+        extra = {"mIoU16": m16, "mIoU13": m13}
+        fake_run(root, str(job), [SYN, f"seed={job}"], 45.0, 90.0, None, extra)
+    fake_run(root, "3", ["data=gta2cs", "seed=0"], 66.0, 95.0, 10.0)
+    return root
+
+
+def test_subset_means_get_mean_and_std_like_miou(synthia_sweep: Path, tmp_path: Path) -> None:
+    groups = report.collect(synthia_sweep)
+    syn, gta = groups
+    assert report.subset_names(groups) == ["mIoU16", "mIoU13"]  # the order in the files
+    # By hand: mIoU16 mean(50, 52, 54) = 52, std sqrt((2² + 0² + 2²) / 2) = 2;
+    # mIoU13 mean(60, 61, 65) = 62, std sqrt((2² + 1² + 3²) / 2) = sqrt(7) = 2.6458.
+    assert syn.stat("mIoU16") == pytest.approx((52.0, 2.0, 3))
+    assert syn.stat("mIoU13") == pytest.approx((62.0, 7**0.5, 3))
+    assert gta.stat("mIoU16") == (None, None, 0)  # a run without subsets
+
+    out = tmp_path / "out"
+    assert exit_code(report.main, [str(synthia_sweep), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    md = text.splitlines()
+    assert md[0].startswith("| group | seeds | mIoU | mIoU16 | mIoU13 | aAcc | road |")
+    row = next(line for line in md if line.startswith(f"| {SYN}"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:6] == ["45.00 ± 0.00", "52.00 ± 2.00", "62.00 ± 2.65", "90.00 ± 0.00"]
+    row = next(line for line in md if line.startswith("| data=gta2cs"))
+    assert [c.strip() for c in row.strip("|").split("|")][2:5] == ["66.00", "n/a", "n/a"]
+    assert "mIoU16, mIoU13: mean IoU over a class subset" in text
+    with (out / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["mIoU16_mean"] == "52.0000" and rows[0]["mIoU16_std"] == "2.0000"
+    assert rows[0]["mIoU13_n"] == "3" and rows[1]["mIoU16_n"] == "0"
+    assert rows[1]["mIoU16_mean"] == ""
+
+
+def test_subset_in_only_some_runs_is_over_those_and_marked(tmp_path: Path) -> None:
+    """A seed evaluated before subsets existed (no key) or with no subset class present (null, as
+    ssr.eval writes NaN; ssr.train writes NaN as is) is left out, and the cell says (n/N)."""
+    fake_run(tmp_path, "0", [SYN, "seed=0"], 45.0, 90.0, None, {"mIoU16": 50.0, "mIoU13": 60.0})
+    fake_run(tmp_path, "1", [SYN, "seed=1"], 46.0, 90.0, None, {"mIoU16": 54.0, "mIoU13": None})
+    fake_run(tmp_path, "2", [SYN, "seed=2"], 47.0, 90.0, None)  # an older run: no subset keys
+    seed1 = tmp_path / "1" / "metrics.json"
+    seed1.write_text(seed1.read_text().replace('"mIoU13": null', '"mIoU13": NaN'))
+    assert '"mIoU13": NaN' in seed1.read_text()
+    (group,) = report.collect(tmp_path)
+    # By hand: mIoU16 over seeds 0, 1: mean(50, 54) = 52, std sqrt((2² + 2²) / 1) = 2.83;
+    # mIoU13 over seed 0 only: 60, no std.
+    assert group.stat("mIoU16") == pytest.approx((52.0, 8**0.5, 2))
+    assert group.stat("mIoU13") == (60.0, None, 1)
+    assert group.stat("mIoU") == pytest.approx((46.0, 1.0, 3))  # mIoU still over all three
+    md = report.markdown([group]).splitlines()
+    cells = [c.strip() for c in md[2].strip("|").split("|")]
+    assert cells[2:5] == ["46.00 ± 1.00", "52.00 ± 2.83 (2/3)", "60.00 (1/3)"]
+
+
+def test_sweep_without_subsets_has_no_subset_columns(sweep: Path) -> None:
+    groups = report.collect(sweep)
+    assert report.subset_names(groups) == [] and all(not r.subsets for r in groups[0].runs)
+    text = report.markdown(groups)
+    assert "| mIoU | aAcc |" in text and "class subset" not in text
+
+
+def test_bad_subset_value_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fake_run(tmp_path, "0", [SYN, "seed=0"], 45.0, 90.0, None, {"mIoU16": "high"})
+    assert exit_code(report.main, [str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "mIoU16 is 'high', expected a number or null" in err and "metrics.json" in err
+
+
+def test_subset_key_rule_matches_the_metric() -> None:
+    from ssr.metrics import SUBSET_NAME
+
+    assert report.SUBSET_KEY.pattern == SUBSET_NAME.pattern

@@ -3,12 +3,20 @@
 docs/method.md §3.2 and §8.4: intersection and union are accumulated over the whole split at full
 resolution (not averaged per image), ground-truth 255 is ignored, and mIoU is the mean over the
 classes whose union is non-empty (mmseg's nan-mean, the official Cityscapes evaluator's rule).
+
+Benchmarks whose source lacks some classes report means over class subsets beside it (SYNTHIA ->
+Cityscapes: mIoU16 and mIoU13, ``ssr.data.labels.SYNTHIA_EVAL_SUBSETS``). ``SegMetric(subsets=...)``
+computes each one directly as the same nan-mean over the subset's per-class IoUs: the rescaled
+19-class mean (mIoU19 * 19 / 16) only equals it when all 19 classes are present and the three
+outside the subset (terrain, truck, train: never in SYNTHIA, yet predicted on Cityscapes) score 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypedDict
+import operator
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias
 
 import torch
 from rich.table import Table
@@ -16,13 +24,71 @@ from torchmetrics import Metric
 
 from ssr.data.labels import CLASSES, IGNORE_INDEX
 
+SegResult: TypeAlias = dict[str, Any]
+"""``SegMetric.compute()``: percentages under fixed keys plus one key per class subset.
 
-class SegResult(TypedDict):
-    """Percentages; ``IoU`` is None for a class with an empty union (absent, never predicted)."""
+- ``"mIoU"`` (float): mean over the classes with a non-empty union, NaN if there are none;
+- one ``"mIoU<suffix>"`` float per subset (e.g. ``"mIoU16"``), same rule over the subset's classes,
+  in the order the subsets were given, right after ``"mIoU"``;
+- ``"IoU"`` (dict[str, float | None]): per class, None for an empty union (absent, never predicted);
+- ``"aAcc"`` (float): pixel accuracy, NaN with no valid pixel.
 
-    mIoU: float
-    IoU: dict[str, float | None]
-    aAcc: float
+A plain dict rather than a TypedDict because the subset keys are chosen at run time; callers add
+more (``"num_images"``). ``subset_keys`` lists the subset keys of any such dict.
+"""
+
+SUBSET_NAME = re.compile(r"mIoU\w+")
+"""A subset mean's key: "mIoU" plus a suffix (mIoU16). The prefix is what tells a subset mean from
+any other top-level key in a result or a ``metrics.json`` (``iou_table``, ``ssr.report``)."""
+
+RESERVED_KEYS = frozenset({"mIoU", "IoU", "aAcc", "num_images"})
+
+
+def subset_keys(result: Mapping[str, Any]) -> list[str]:
+    """The class-subset means in ``result`` (a ``compute()`` dict, maybe from JSON), in order."""
+    return [k for k in result if SUBSET_NAME.fullmatch(k)]
+
+
+def _check_subsets(
+    subsets: Mapping[str, Sequence[int]] | None, num_classes: int
+) -> dict[str, tuple[int, ...]]:
+    """``subsets`` as {name: class indices}, or a one-line ValueError naming what is wrong."""
+    if subsets is None:
+        return {}
+    if not isinstance(subsets, Mapping):
+        raise ValueError(
+            f"subsets must map a name to class indices, e.g. {{'mIoU16': [0, 1, ...]}}, "
+            f"not {type(subsets).__name__}"
+        )
+    checked: dict[str, tuple[int, ...]] = {}
+    for name, indices in subsets.items():
+        if not isinstance(name, str) or name in RESERVED_KEYS or not SUBSET_NAME.fullmatch(name):
+            raise ValueError(
+                f"class subset name {name!r}: use 'mIoU' plus letters, digits or _ (e.g. "
+                f"'mIoU16'), not one of {sorted(RESERVED_KEYS)}"
+            )
+        if isinstance(indices, str | bytes) or not isinstance(indices, Sequence):
+            raise ValueError(
+                f"class subset {name}: expected a list of class indices, not {indices!r}"
+            )
+        if not indices:
+            raise ValueError(f"class subset {name} is empty: list at least one class index")
+        values: list[int] = []
+        for i in indices:
+            try:
+                index = None if isinstance(i, bool) else operator.index(i)  # int, numpy int
+            except TypeError:
+                index = None
+            if index is None or not 0 <= index < num_classes:
+                raise ValueError(
+                    f"class subset {name}: {i!r} is not a class index in 0..{num_classes - 1}"
+                )
+            values.append(index)
+        if len(set(values)) != len(values):
+            dup = next(i for i in values if values.count(i) > 1)
+            raise ValueError(f"class subset {name} lists class {dup} twice")
+        checked[name] = tuple(values)
+    return checked
 
 
 class SegMetric(Metric):
@@ -31,6 +97,10 @@ class SegMetric(Metric):
     The matrix has one extra column, "other": a prediction outside ``0..C-1`` (e.g. 255) where the
     ground truth is a valid class lands there, so it counts as a miss for the true class and as a
     false positive for no class, as in the official Cityscapes evaluator.
+
+    ``subsets`` ({name: class indices}, names "mIoU<suffix>") adds one mean per subset to
+    ``compute()``; they are checked here, so a bad definition fails before any evaluation, and
+    kept, copied, as ``self.subsets`` (in order) for whoever logs the result.
     """
 
     full_state_update = False
@@ -43,12 +113,14 @@ class SegMetric(Metric):
         self,
         class_names: Sequence[str] = CLASSES,
         ignore_index: int = IGNORE_INDEX,
+        subsets: Mapping[str, Sequence[int]] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.class_names = tuple(class_names)
         self.num_classes = len(self.class_names)
         self.ignore_index = ignore_index
+        self.subsets = _check_subsets(subsets, self.num_classes)
         c = self.num_classes
         self.add_state(
             "confmat", default=torch.zeros(c, c + 1, dtype=torch.long), dist_reduce_fx="sum"
@@ -85,34 +157,51 @@ class SegMetric(Metric):
         self.confmat += counts.reshape(c, c + 1)
 
     def compute(self) -> SegResult:
-        """Percentages; a class with an empty union gets IoU None and is left out of the mean."""
+        """Percentages; a class with an empty union gets IoU None and is left out of every mean.
+
+        A subset mean is NaN, like mIoU, when none of its classes has a non-empty union.
+        """
         conf = self.confmat.double()
         c = self.num_classes
         tp = conf.diagonal()  # the diagonal of the (C, C+1) matrix never touches "other"
         gt_total = conf.sum(dim=1)  # includes the "other" column: those pixels are misses
         pred_total = conf[:, :c].sum(dim=0)
         union = gt_total + pred_total - tp
-        iou = {
-            name: (100.0 * float(tp[i] / union[i]) if union[i] > 0 else None)
-            for i, name in enumerate(self.class_names)
-        }
-        present = [v for v in iou.values() if v is not None]
+        per_class = [100.0 * float(tp[i] / union[i]) if union[i] > 0 else None for i in range(c)]
         total = float(conf.sum())
-        return {
-            "mIoU": sum(present) / len(present) if present else float("nan"),
-            "IoU": iou,
-            "aAcc": 100.0 * float(tp.sum()) / total if total > 0 else float("nan"),
-        }
+        result: SegResult = {"mIoU": _nan_mean(per_class)}
+        for name, indices in self.subsets.items():
+            result[name] = _nan_mean([per_class[i] for i in indices])
+        result["IoU"] = dict(zip(self.class_names, per_class, strict=True))
+        result["aAcc"] = 100.0 * float(tp.sum()) / total if total > 0 else float("nan")
+        return result
+
+
+def _nan_mean(values: Sequence[float | None]) -> float:
+    """Mean of the values that are not None (classes with a non-empty union); NaN if none."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else float("nan")
 
 
 def iou_table(result: SegResult, title: str = "Per-class IoU (%)") -> Table:
-    """A rich table of ``SegMetric.compute()``: one row per class, then mIoU and aAcc."""
+    """A rich table of ``SegMetric.compute()``: one row per class, then mIoU, the class-subset
+    means (bold like mIoU: for SYNTHIA -> Cityscapes they are the headline numbers) and aAcc.
+
+    The subsets are found by key (``subset_keys``), so a result read back from ``metrics.json``,
+    where NaN became None, renders too ("—").
+    """
     table = Table(title=title, min_width=48)
     table.add_column("class")
     table.add_column("IoU", justify="right")
     for name, value in result["IoU"].items():
         table.add_row(name, "—" if value is None else f"{value:.2f}")
     table.add_section()
-    table.add_row("[bold]mIoU[/bold]", f"[bold]{result['mIoU']:.2f}[/bold]")
-    table.add_row("aAcc", f"{result['aAcc']:.2f}")
+    table.add_row("[bold]mIoU[/bold]", f"[bold]{_pct(result['mIoU'])}[/bold]")
+    for key in subset_keys(result):
+        table.add_row(f"[bold]{key}[/bold]", f"[bold]{_pct(result[key])}[/bold]")
+    table.add_row("aAcc", _pct(result["aAcc"]))
     return table
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"

@@ -4,6 +4,10 @@
 (written by `ssr.train`: the final student on the target val split, docs/method.md §8.4) under
 `sweep_dir`, groups the runs by their Hydra overrides (`.hydra/overrides.yaml`) except the seed,
 prints a table and writes `report.md` and `report.csv`. The std is the sample std (n − 1).
+
+Class-subset means a run's `metrics.json` carries ("mIoU16", "mIoU13" for SYNTHIA -> Cityscapes,
+`ssr.metrics.SegMetric(subsets=...)`) get their own mean ± std columns right after mIoU; a sweep
+without them reports exactly as before.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from ssr.run.cli import cli
 
 METRICS_FILE = "metrics.json"
 
+# A class-subset mean's key, as `ssr.metrics.SUBSET_NAME` defines it (not imported from there:
+# ssr.metrics loads torch, which this CLI does not need).
+SUBSET_KEY = re.compile(r"mIoU\w+")
+
 
 class ReportError(UserError, RuntimeError):
     """A sweep directory without readable `metrics.json` files."""
@@ -48,6 +56,8 @@ class Run:
     aacc: float | None
     iou: dict[str, float | None]
     num_images: int | None
+    # Class-subset means in the file (None: no class of the subset present, NaN in the metric).
+    subsets: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,11 +72,19 @@ class Group:
         return ",".join("?" if r.seed is None else str(r.seed) for r in self.runs)
 
     def stat(self, metric: str) -> tuple[float | None, float | None, int]:
-        """(mean, sample std or None for one value, n) of "mIoU", "aAcc" or a class name."""
+        """(mean, sample std or None for one value, n) of "mIoU", "aAcc", a subset or a class.
+
+        A subset mean (e.g. "mIoU16") is taken over the runs whose file has it: runs evaluated
+        before subsets existed (or with none) are left out, and n < len(runs) says so in the cell
+        ("(n/N)", as for a class absent from some runs) and in the CSV's `<metric>_n`.
+        """
         if metric == "mIoU":
             values = [r.miou for r in self.runs]
         elif metric == "aAcc":
             values = [r.aacc for r in self.runs if r.aacc is not None]
+        elif SUBSET_KEY.fullmatch(metric):
+            values = [r.subsets.get(metric) for r in self.runs]
+            values = [v for v in values if v is not None]
         else:
             values = [r.iou.get(metric) for r in self.runs]
             values = [v for v in values if v is not None]  # a class absent from a run's val set
@@ -87,6 +105,21 @@ def _number(value: Any, what: str, path: Path) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ReportError(f"{path}: {what} is {value!r}, expected a number or null")
     return float(value)
+
+
+def _subset_means(data: dict[str, Any], path: Path) -> dict[str, float | None]:
+    """The class-subset means of a `metrics.json`; NaN (ssr.train writes it as is) -> None."""
+    means = {k: _number(v, k, path) for k, v in data.items() if SUBSET_KEY.fullmatch(k)}
+    return {k: None if v is None or math.isnan(v) else v for k, v in means.items()}
+
+
+def subset_names(groups: Sequence[Group]) -> list[str]:
+    """Every class-subset key any run has, in the order first met (mIoU16 before mIoU13)."""
+    names: dict[str, None] = {}
+    for g in groups:
+        for r in g.runs:
+            names.update(dict.fromkeys(r.subsets))
+    return list(names)
 
 
 def read_run(metrics_path: Path, sweep_dir: Path, ignore: Sequence[str]) -> Run:
@@ -114,6 +147,7 @@ def read_run(metrics_path: Path, sweep_dir: Path, ignore: Sequence[str]) -> Run:
         aacc=_number(data.get("aAcc"), "aAcc", metrics_path),
         iou={c: _number(data["IoU"].get(c), f"IoU[{c}]", metrics_path) for c in CLASSES},
         num_images=data.get("num_images"),
+        subsets=_subset_means(data, metrics_path),
     )
 
 
@@ -156,7 +190,7 @@ def collect(sweep_dir: Path, ignore: Sequence[str] = ("seed",)) -> list[Group]:
 
 
 def _cell(group: Group, metric: str) -> str:
-    """ "mean ± std", "(n/N)" when only n of the N runs have the class, "n/a" when none."""
+    """ "mean ± std", "(n/N)" when only n of the N runs have the value, "n/a" when none."""
     mean, std, n = group.stat(metric)
     if mean is None:
         return "n/a"
@@ -165,27 +199,35 @@ def _cell(group: Group, metric: str) -> str:
 
 
 def markdown(groups: Sequence[Group]) -> str:
-    """One row per group, the paper's layout: mIoU, then the 19 classes."""
-    head = ["group", "seeds", "mIoU", "aAcc", *CLASSES]
+    """One row per group, the paper's layout: mIoU (and its subset means), then the 19 classes."""
+    subsets = subset_names(groups)
+    metrics = ("mIoU", *subsets, "aAcc", *CLASSES)
+    head = ["group", "seeds", *metrics]
     lines = [
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|",
     ]
     for g in groups:
         cells = [g.label.replace("|", "\\|"), f"{len(g.runs)} ({g.seeds})"]
-        cells += [_cell(g, m) for m in ("mIoU", "aAcc", *CLASSES)]
+        cells += [_cell(g, m) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     note = (
         "IoU in %, mean ± sample standard deviation (n − 1) over the runs of each group "
         "(final student on the target val split); (n/N): only n of the N runs have the class in "
         "their evaluation; n/a: none has."
     )
+    if subsets:
+        note += (
+            f" {', '.join(subsets)}: mean IoU over a class subset (SYNTHIA: mIoU16, mIoU13), "
+            "computed directly from each run's per-class IoUs; (n/N) there: only n of the N "
+            "runs' metrics.json have it."
+        )
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
 def write_csv(groups: Sequence[Group], path: Path) -> None:
     """Machine-readable: mean/std/n per metric and class, and the run folders of each group."""
-    metrics = ("mIoU", "aAcc", *CLASSES)
+    metrics = ("mIoU", *subset_names(groups), "aAcc", *CLASSES)
     head = ["group", "n_runs", "seeds", "num_images", "runs"]
     head += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
     buffer = io.StringIO(newline="")
@@ -209,7 +251,8 @@ def rich_table(groups: Sequence[Group], title: str) -> Table:
     for g in groups:
         table.add_column(g.label, justify="right")
     table.add_row("runs (seeds)", *[f"{len(g.runs)} ({g.seeds})" for g in groups])
-    table.add_row("[bold]mIoU[/bold]", *[f"[bold]{_cell(g, 'mIoU')}[/bold]" for g in groups])
+    for m in ("mIoU", *subset_names(groups)):
+        table.add_row(f"[bold]{m}[/bold]", *[f"[bold]{_cell(g, m)}[/bold]" for g in groups])
     table.add_row("aAcc", *[_cell(g, "aAcc") for g in groups])
     table.add_section()
     for c in CLASSES:

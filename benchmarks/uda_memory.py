@@ -29,7 +29,7 @@ from peak_memory import peak_bytes
 from torch.utils.data import DataLoader
 
 from ssr import CONF_MODULE
-from ssr.data.datamodule import CropRecord
+from ssr.data.stream import CropRecord
 from ssr.model.mit import build_mit
 from ssr.train import build_module
 

@@ -10,16 +10,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
+from PIL import Image
 
 from ssr import CONF_MODULE
-from ssr.data.datamodule import CropRecord
 from ssr.data.labels import MEAN, STD
+from ssr.data.stream import CropRecord
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # small tables that ship with the repo
@@ -172,3 +174,63 @@ class SignalAtStep(pl.Callback):
             subprocess.run(["kill", f"-{int(self.signum)}", *pids], check=True)
         for _ in range(self.times):
             os.kill(os.getpid(), self.signum)
+
+
+# SYNTHIA-RAND-CITYSCAPES class id (R channel) -> Cityscapes train id, from the dataset's README
+# (written here, not imported from the code under test); every other id is ignore.
+SYNTHIA_TABLE = {
+    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13,
+    18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
+}  # fmt: skip
+
+
+def mapped(ids: np.ndarray, table: dict[int, int]) -> np.ndarray:
+    """Train ids of raw ids by a table, written out pixel by pixel (no lookup-table tricks)."""
+    out = np.full(ids.shape, 255, np.uint8)
+    for index, value in np.ndenumerate(ids):
+        out[index] = table.get(int(value), 255)
+    return out
+
+
+def prepare_fails(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    """The prepare CLI refuses `argv`: exit status 2 and one stderr line holding every needle."""
+    from ssr.data import prepare
+
+    capsys.readouterr()
+    assert exit_code(prepare.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def prepare_ok(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The prepare CLI's stdout for `argv`, which must succeed."""
+    from ssr.data import prepare
+
+    capsys.readouterr()
+    code = exit_code(prepare.main, argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def write_synthia_label(path: Path, ids: np.ndarray, instances: np.ndarray | None = None) -> Path:
+    """A SYNTHIA GT/LABELS file: 16-bit, 3 channels; PNG R (OpenCV index 2) = class id, G =
+    instance id, B = 777 (values above 255 everywhere Pillow would lose them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bgr = np.empty((*ids.shape, 3), np.uint16)
+    bgr[..., 2] = ids
+    bgr[..., 1] = (
+        1000 + np.arange(ids.size).reshape(ids.shape) * 3 if instances is None else instances
+    )
+    bgr[..., 0] = 777
+    assert cv2.imwrite(str(path), bgr)
+    return path

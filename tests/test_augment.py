@@ -277,6 +277,31 @@ def test_masking_applies_mask_and_is_seeded() -> None:
         MaskedConsistency(32, 1.5)
 
 
+def test_mask_modes_build_their_masked_batch() -> None:
+    """MIC's mask_mode: `separatetrgaug` masks the colour-augmented target batch with the teacher's
+    labels; `separate` (ACDC, Dark Zurich) masks [source 0, target 0] with [its label (weight 1),
+    the pseudo-label and weight], unaugmented, drawing only the mask from the mixing stream."""
+    g = torch.Generator().manual_seed(0)
+    xs, xt = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    ys, pl_lbl = torch.randint(0, 19, (2, 32, 32), generator=g), torch.randint(0, 19, (2, 32, 32))
+    pl_w = torch.tensor([0.4, 0.7])[:, None, None].expand(2, 32, 32)
+
+    img, lbl, w = MaskedConsistency(8, 0.7).inputs(xs, ys, xt, pl_lbl, pl_w, DACSMixing(seed=5))
+    ref = DACSMixing(seed=5)
+    expected = MaskedConsistency(8, 0.7)(ref.augment(xt, per_image=False), ref.generator)
+    torch.testing.assert_close(img, expected, rtol=0, atol=0)
+    assert lbl is pl_lbl and w is pl_w
+
+    separate = MaskedConsistency(8, 0.7, mode="separate")
+    img, lbl, w = separate.inputs(xs, ys, xt, pl_lbl, pl_w, DACSMixing(seed=5))
+    mask = separate.mask((2, 3, 32, 32), generator=DACSMixing(seed=5).generator)
+    torch.testing.assert_close(img, torch.cat([xs[:1], xt[:1]]) * mask, rtol=0, atol=0)
+    assert torch.equal(lbl, torch.stack([ys[0], pl_lbl[0]]))
+    assert torch.equal(w, torch.stack([torch.ones(32, 32), torch.full((32, 32), 0.4)]))
+    with pytest.raises(ValueError, match="mask mode='trg'"):
+        MaskedConsistency(mode="trg")
+
+
 # -------------------------------------------------------------------------- DACS mixing part
 def test_mixing_is_classmix_then_strong_augmentation_from_its_own_streams() -> None:
     """`DACSMixing` = class_mix_masks + mix + strong_augment, drawing from its generators in the

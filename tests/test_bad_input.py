@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -273,16 +274,16 @@ def test_prepare_ctrl_c_is_one_line_and_the_next_run_sweeps_its_leftovers(
 ) -> None:
     root = tmp_path / "gta"
     gta_labels(root, n=4)
-    convert = prepare.label_ids_to_train_ids
+    convert = prepare.decode
     calls = []
 
-    def interrupted_at_the_second_file(ids: np.ndarray) -> np.ndarray:
+    def interrupted_at_the_second_file(path: Path, raw: Any) -> np.ndarray:
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered mid-run
-        return convert(ids)
+        return convert(path, raw)
 
-    monkeypatch.setattr(prepare, "label_ids_to_train_ids", interrupted_at_the_second_file)
+    monkeypatch.setattr(prepare, "decode", interrupted_at_the_second_file)
     assert exit_code(prepare.main, ["gta5", str(root), "--nproc", "1"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: interrupted (Ctrl-C); finished outputs are kept"
@@ -291,7 +292,7 @@ def test_prepare_ctrl_c_is_one_line_and_the_next_run_sweeps_its_leftovers(
     stale = root / "labels" / f".00004_labelTrainIds.png.{dead_pid()}.0badc0de.tmp"
     stale.write_bytes(b"half a png")  # what a kill during a write leaves
 
-    monkeypatch.setattr(prepare, "label_ids_to_train_ids", convert)
+    monkeypatch.setattr(prepare, "decode", convert)
     assert exit_code(prepare.main, ["gta5", str(root), "--nproc", "1"]) == 0
     assert not list(root.rglob("*.tmp"))
     assert len(list((root / "labels").glob("*_labelTrainIds.png"))) == 4

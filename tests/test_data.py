@@ -15,8 +15,9 @@ from PIL import Image
 
 from ssr.data import prepare
 from ssr.data import transforms as T
-from ssr.data.datamodule import CropRecord, UDADataModule
+from ssr.data.datamodule import UDADataModule
 from ssr.data.datasets import CityscapesDataset, DatasetError, GTA5Dataset, read_image
+from ssr.data.stream import CropRecord
 
 from helpers import cpu_trainer, normalised
 
@@ -141,7 +142,7 @@ def test_gta_layout_errors(tmp_path: Path) -> None:
     root = tmp_path / "gta"
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
-    with pytest.raises(DatasetError, match=r"no \*\.png images in .*images"):
+    with pytest.raises(DatasetError, match=r"no \*\.png images under .*images"):
         GTA5Dataset(root)
     write_png(root / "images" / "00001.png", np.zeros((4, 4, 3), np.uint8))
     write_png(root / "images" / "00002.png", np.zeros((4, 4, 3), np.uint8))

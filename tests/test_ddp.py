@@ -21,8 +21,8 @@ from hydra.errors import MissingConfigException
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
-from ssr.data.datamodule import InfiniteIndexSampler
 from ssr.data.datasets import CityscapesDataset
+from ssr.data.stream import InfiniteIndexSampler
 from ssr.eval import evaluate
 from ssr.model.checkpoint import load_segmentor
 from ssr.model.inference import Inference

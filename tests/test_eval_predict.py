@@ -16,6 +16,7 @@ from PIL import Image
 from ssr import eval as ssr_eval
 from ssr import export as ssr_export
 from ssr import predict as ssr_predict
+from ssr.data.datasets import CityscapesDataset
 from ssr.data.labels import CLASSES, NUM_CLASSES
 from ssr.data.transforms import test_transform
 from ssr.model.checkpoint import load_segmentor
@@ -46,7 +47,7 @@ def test_eval_checkpoint_writes_metrics(tiny, cs_root, tmp_path) -> None:
     # evaluate() leaves a training segmentor in training mode (reuse in a validation loop).
     segmentor.train()
     inference = Inference(resize=(256, 128))
-    dataset = ssr_eval.CityscapesDataset(cs_root, "val")  # evaluate() builds the test views
+    dataset = CityscapesDataset(cs_root, "val")  # evaluate() builds the test views
     again = ssr_eval.evaluate(segmentor, dataset, inference, "cpu", progress=False)
     assert segmentor.training
     assert again["num_images"] == 2 and 0.0 <= again["mIoU"] <= 100.0

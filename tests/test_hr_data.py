@@ -13,8 +13,9 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from ssr.data.datamodule import CropRecord, UDADataModule, _check_crop_fits
+from ssr.data.datamodule import UDADataModule, _check_crop_fits
 from ssr.data.datasets import image_size
+from ssr.data.stream import CropRecord
 from ssr.data.transforms import margin_mask, rescale_size
 from ssr.errors import ConfigError
 

@@ -15,7 +15,7 @@ from PIL import Image
 from ssr.data import prepare
 from ssr.data.labels import TRAIN_ID_TO_LABEL_ID
 
-from helpers import FIXTURES, exit_code, run_cli
+from helpers import FIXTURES, exit_code, prepare_fails, run_cli
 
 CS_FRAME = "frankfurt_000000_000294"
 
@@ -163,33 +163,25 @@ def test_cityscapes_real_fixture_matches_official_train_ids(
     assert (ours != official).sum() <= 77
 
 
-def _bad(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> None:
-    assert exit_code(prepare.main, argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_bad_inputs_exit_2_with_one_line(
     tmp_path: Path, gta_raw: tuple[Path, list[np.ndarray]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = tmp_path / "nope"
-    _bad(["gta5", str(missing), "--nproc", "1"], capsys, str(missing), "does not exist")
+    prepare_fails(["gta5", str(missing), "--nproc", "1"], capsys, str(missing), "does not exist")
     (tmp_path / "empty").mkdir()
-    _bad(["gta5", str(tmp_path / "empty")], capsys, "labels", "does not exist")
-    _bad(["cityscapes", str(tmp_path / "empty")], capsys, "gtFine", "does not exist")
+    prepare_fails(["gta5", str(tmp_path / "empty")], capsys, "labels", "does not exist")
+    prepare_fails(["cityscapes", str(tmp_path / "empty")], capsys, "gtFine", "does not exist")
     (tmp_path / "empty" / "labels").mkdir()
-    _bad(["gta5", str(tmp_path / "empty")], capsys, "no label files")
+    prepare_fails(["gta5", str(tmp_path / "empty")], capsys, "no label files")
     (tmp_path / "empty" / "gtFine" / "train" / "x").mkdir(parents=True)
-    _bad(["cityscapes", str(tmp_path / "empty")], capsys, "_gtFine_labelIds.png")
+    prepare_fails(["cityscapes", str(tmp_path / "empty")], capsys, "_gtFine_labelIds.png")
 
     root, _ = gta_raw
     corrupt = root / "labels" / "00003.png"
     corrupt.write_bytes(b"\x89PNG truncated")
-    _bad(["gta5", str(root), "--nproc", "1"], capsys, str(corrupt), "cannot read")
+    prepare_fails(["gta5", str(root), "--nproc", "1"], capsys, str(corrupt), "cannot read")
     Image.new("RGB", (40, 24), (128, 64, 128)).save(corrupt)  # a colour-coded label
-    _bad(["gta5", str(root), "--nproc", "2"], capsys, str(corrupt), "mode RGB")
+    prepare_fails(["gta5", str(root), "--nproc", "2"], capsys, str(corrupt), "mode RGB")
     assert not list(root.rglob("*.tmp"))
 
 

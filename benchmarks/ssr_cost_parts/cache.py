@@ -18,7 +18,7 @@ from segment_anything import sam_model_registry
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssr.data.datamodule import UDADataModule
-from ssr.data.datasets import read_image
+from ssr.data.files import read_image
 from ssr.data.transforms import rescale_size, test_transform
 from ssr.uda.sam_cache import tile_origins
 from ssr.uda.sam_encoder import SamEncoder

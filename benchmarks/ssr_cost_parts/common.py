@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ssr import CONF_MODULE
-from ssr.data.datamodule import CropRecord
+from ssr.data.stream import CropRecord
 from ssr.train import build_module
 from ssr.uda.module import UDAModule
 

@@ -27,8 +27,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ssr import CONF_PATH
-from ssr.data.datasets import CityscapesDataset, TestTimeViews, read_label
-from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
+from ssr.data.datasets import FolderDataset, TestTimeViews
+from ssr.data.files import read_label
+from ssr.data.formats import (
+    DatasetFormat,
+    check_num_classes,
+    load_format,
+    resolve_eval_subsets,
+)
+from ssr.data.labels import IGNORE_INDEX
 from ssr.data.workers import worker_init
 from ssr.errors import UserError
 from ssr.io import atomic_write_json, find_files
@@ -39,7 +46,6 @@ from ssr.run.cli import cli, resolve_device
 
 log = logging.getLogger(__name__)
 
-GT_SUFFIX = "_gtFine_labelTrainIds.png"
 PRED_SUFFIX = "_trainIds.png"
 # city_sequence_frame, e.g. frankfurt_000000_000294: what names one Cityscapes frame in every file.
 _CS_STEM = re.compile(r"^(.+?_\d{6}_\d{6})(?:_|$)")
@@ -51,21 +57,23 @@ class EvalInputError(UserError, ValueError):
 
 def evaluate(
     segmentor: nn.Module,
-    dataset: CityscapesDataset,
+    dataset: FolderDataset,
     inference: Inference,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    subsets: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, Any]:
     """Score `segmentor` on a labelled `dataset` under the test protocol `inference` (its images
     are rebuilt at every test scale; labels stay at full resolution).
 
     Batch size 1, as in the paper, since val images may differ in size. Returns
     `SegMetric.compute()` plus `num_images`. The segmentor's train/eval mode is restored afterwards,
-    so a training loop can call this for validation.
+    so a training loop can call this for validation. `subsets`: class-subset means to report
+    beside mIoU (`ssr.metrics.SegMetric`).
     """
     device = torch.device(device)
-    metric = SegMetric().to(device)
+    metric = SegMetric(dataset.format.classes.names, subsets=subsets).to(device)
     views = TestTimeViews(dataset, inference)
     loader = DataLoader(
         views, batch_size=1, shuffle=False, num_workers=num_workers, worker_init_fn=worker_init()
@@ -90,23 +98,33 @@ def evaluate(
 
 
 def evaluate_predictions(
-    pred_dir: str | Path, gt_root: str | Path, split: str = "val", progress: bool = True
+    pred_dir: str | Path,
+    gt_root: str | Path,
+    split: str = "val",
+    progress: bool = True,
+    fmt: DatasetFormat | str = "cityscapes",
+    subsets: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, Any]:
     """Score a folder of `*_trainIds.png` (searched recursively) against `gt_root`'s train ids.
 
-    Files are matched by Cityscapes stem (`city_seq_frame`), so `frankfurt_000000_000294_leftImg8bit
-    _trainIds.png` and `frankfurt_000000_000294_trainIds.png` both match. Every ground-truth image
-    needs a prediction; extra predictions are ignored.
+    Files are matched by frame: the Cityscapes stem (`city_seq_frame`), else the label's name
+    without the format's label suffix, so `frankfurt_000000_000294_leftImg8bit_trainIds.png`,
+    `frankfurt_000000_000294_trainIds.png` and ACDC's `GOPR0475_frame_000041_rgb_anon_trainIds.png`
+    (what ssr.predict writes) all match. Every ground-truth image needs a prediction; extra
+    predictions are ignored.
     """
+    fmt = fmt if isinstance(fmt, DatasetFormat) else load_format(fmt)
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise EvalInputError(
             f"pred_dir {pred_dir} is not a directory; pass a folder of *_trainIds.png"
         )
-    gts = _label_files(Path(gt_root), split)
+    gts = _label_files(Path(gt_root), split, fmt)
+    image_tail = fmt.image_suffix.rsplit(".", 1)[0]  # "_rgb_anon" of "_rgb_anon.png"; "" of ".png"
     preds: dict[str, Path] = {}
     for path in find_files(pred_dir, f"*{PRED_SUFFIX}"):
         stem = frame_stem(path.name, PRED_SUFFIX)
+        stem = stem.removesuffix(image_tail) if image_tail else stem
         if stem in preds:
             raise EvalInputError(
                 f"pred_dir holds two predictions for {stem}: {preds[stem]} and {path}"
@@ -118,24 +136,26 @@ def evaluate_predictions(
             f"{len(missing)} of {len(gts)} ground-truth images have no *{PRED_SUFFIX} in "
             f"{pred_dir}, first {missing[0]}; predict the whole split (ssr-predict input=...)"
         )
-    metric = SegMetric()
+    num_classes = fmt.classes.num_classes
+    metric = SegMetric(fmt.classes.names, subsets=subsets)
     items = (
         track(gts.items(), description="Scoring", console=Console(stderr=True))
         if progress
         else gts.items()
     )
     for stem, gt_path in items:
-        gt = read_label(gt_path)
+        gt = read_label(gt_path, num_classes)
         pred = _read_prediction(preds[stem])
         if pred.shape != gt.shape:
             raise EvalInputError(
                 f"{preds[stem]} is {pred.shape[::-1]} (W, H) but its ground truth {gt_path} is "
                 f"{gt.shape[::-1]}: predictions must be single-channel train ids at label size"
             )
-        bad = (pred >= NUM_CLASSES) & (pred != IGNORE_INDEX)
+        bad = (pred >= num_classes) & (pred != IGNORE_INDEX)
         if bad.any():
             raise EvalInputError(
-                f"{preds[stem]} holds value {int(pred[bad][0])}, not a train id (0..18 or 255): "
+                f"{preds[stem]} holds value {int(pred[bad][0])}, not a train id "
+                f"(0..{num_classes - 1} or 255): "
                 "it looks like Cityscapes label ids; score *_trainIds.png predictions"
             )
         metric.update(
@@ -156,19 +176,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise EvalInputError(
             "pass exactly one of ckpt_path=<checkpoint> or pred_dir=<folder of PNGs>"
         )
+    fmt = load_format(cfg.dataset)
+    subsets = resolve_eval_subsets(cfg.eval_subsets)
+    where = f"{fmt.name} {cfg.split}"
     if cfg.pred_dir is not None:
-        result = evaluate_predictions(cfg.pred_dir, cfg.gt_root, cfg.split)
-        title = f"{Path(cfg.pred_dir).name}: Cityscapes {cfg.split}"
+        result = evaluate_predictions(
+            cfg.pred_dir, cfg.gt_root, cfg.split, fmt=fmt, subsets=subsets
+        )
+        title = f"{Path(cfg.pred_dir).name}: {where}"
     else:
         inference: Inference = instantiate(cfg.inference)
         # The data first: a wrong gt_root should fail before a large checkpoint is read.
-        dataset = CityscapesDataset(cfg.gt_root, split=cfg.split, label=True)
+        dataset = FolderDataset(cfg.gt_root, fmt, cfg.split, label=True, label_fit="strict")
         device = resolve_device(cfg.device)
         segmentor, _, _ = load_segmentor(cfg.ckpt_path, cfg.model, device)
+        check_num_classes(fmt, segmentor.num_classes)
         inference = inference.for_model(segmentor)  # HRDA models bring their own protocol
         log.info(f"Test protocol: {inference!r}")
-        result = evaluate(segmentor, dataset, inference, device, num_workers=cfg.num_workers)
-        title = f"{Path(cfg.ckpt_path).name}: Cityscapes {cfg.split}"
+        result = evaluate(
+            segmentor, dataset, inference, device, num_workers=cfg.num_workers, subsets=subsets
+        )
+        title = f"{Path(cfg.ckpt_path).name}: {where}"
     Console().print(iou_table(result, title=title))
     out = Path(cfg.output_dir)
     atomic_write_json(out / "metrics.json", _finite(result))
@@ -192,16 +220,19 @@ def _read_prediction(path: Path) -> np.ndarray:
         raise EvalInputError(f"cannot read prediction {path} ({err}); re-write it") from err
 
 
-def _label_files(gt_root: Path, split: str) -> dict[str, Path]:
-    """Cityscapes stem -> `gtFine/<split>/**/*_gtFine_labelTrainIds.png`, sorted."""
-    folder = gt_root / "gtFine" / split
-    files = find_files(folder, f"*{GT_SUFFIX}")
+def _label_files(gt_root: Path, split: str, fmt: DatasetFormat) -> dict[str, Path]:
+    """Frame stem -> train-id label of every label folder of `split`, sorted."""
+    folders = [gt_root / d for d in fmt.split(split).labels or ()]
+    if not folders:
+        raise EvalInputError(f"split {split} of {fmt.name} has no labels; score a labelled split")
+    suffix = fmt.label_suffix
+    files = [p for folder in folders for p in find_files(folder, f"*{suffix}")]
     if not files:
         raise EvalInputError(
-            f"no *{GT_SUFFIX} under {folder}; point gt_root at a Cityscapes-format root "
-            "(convert label ids with `python -m ssr.data.prepare cityscapes ROOT`)"
+            f"no *{suffix} under {folders[0]}; point gt_root at a {fmt.name}-format root "
+            f"(convert raw labels with `python -m ssr.data.prepare {fmt.source} ROOT`)"
         )
-    return {frame_stem(p.name, GT_SUFFIX): p for p in files}
+    return {frame_stem(p.name, suffix): p for p in files}
 
 
 @hydra.main(config_path=CONF_PATH, config_name="eval", version_base="1.3")

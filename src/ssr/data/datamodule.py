@@ -1,4 +1,5 @@
-"""The UDA LightningDataModule: GTA5 source crops (RCS or uniform) + Cityscapes target crops.
+"""The UDA LightningDataModule: labelled source crops (RCS or uniform) + target crops, for any
+pair of dataset formats (GTA5 -> Cityscapes by default; docs/benchmarks.md for the others).
 
 docs/method.md §4.1, §4.2. Training is iteration-based: the train loader never ends
 (Lightning's ``max_steps`` stops it). Training sample ``i`` is a pure function of (seed, i): the
@@ -14,20 +15,20 @@ The seed defaults to ``torch.initial_seed()`` at setup, i.e. the global seed aft
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from ssr.data.datasets import CityscapesDataset, GTA5Dataset, image_size
+from ssr.data.datasets import FolderDataset
+from ssr.data.files import image_size
+from ssr.data.formats import ClassSet, load_format, resolve_eval_subsets
 from ssr.data.rcs import RareClassSampler
+from ssr.data.stream import InfiniteIndexSampler, UDATrainDataset
 from ssr.data.transforms import (
-    margin_mask,
     pseudo_margins_setting,
     rescale_size,
     source_train_transform,
@@ -45,138 +46,6 @@ class RCSConfig:
     temperature: float = 0.01
     min_pixels: int = 3000
     min_crop_ratio: float = 0.5
-
-
-def _seed_transform(transform: Any, seed: int) -> None:
-    # One shared generator pair for the whole Compose, so crop and flip draw from one stream.
-    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
-
-
-class CropRecord(NamedTuple):
-    """Where a training crop comes from: its image and its box in the resized image.
-
-    Batched, ``file`` is a list and ``box`` a (B, 5) tensor. SSR's SAM feature cache cuts each
-    crop's features out of full-image maps with it.
-    """
-
-    file: str  # the image path relative to its dataset root
-    box: torch.Tensor  # (5,) int64: resized height, resized width, top, left, flip (0/1)
-
-
-class _CropRecorder:
-    """Runs a training pipeline and keeps where its last call cropped and flipped."""
-
-    def __init__(self, transform: Any):
-        transform.save_applied_params = True  # albumentations records each call's parameters
-        self.transform, self.box = transform, torch.zeros(5, dtype=torch.int64)
-
-    def __call__(self, **data: Any) -> dict[str, Any]:
-        out = self.transform(**data)
-        applied = dict(out.pop("applied_transforms"))
-        crop = applied["CatMaxRandomCrop"]
-        (height, width), (top, _, left, _) = crop["shape"][:2], crop["crop_box"]
-        flip = int("HorizontalFlip" in applied)
-        self.box = torch.tensor([height, width, top, left, flip], dtype=torch.int64)
-        return out
-
-
-class UDATrainDataset(Dataset):
-    """Training pairs of §4.1: {src_img, src_lbl, src_crop[, tgt_img, tgt_crop[, tgt_valid]],
-    index}, a pure function of (seed, i); the crops are `CropRecord`s.
-
-    With RCS the source crop is re-drawn (new crop and flip, same file) up to ``max_rcs_tries``
-    times until it keeps enough pixels of the drawn class; the next draw is accepted unchecked.
-    With ``pseudo_margins`` the target's `margin_mask` rides through the target pipeline as its
-    ``mask``: the pipeline draws the same numbers with or without it, so the stream is unchanged.
-    """
-
-    def __init__(
-        self,
-        source: GTA5Dataset,
-        target: CityscapesDataset | None,
-        rcs: RareClassSampler | None,
-        seed: int,
-        max_rcs_tries: int = 10,
-        pseudo_margins: tuple[int, int, int, int] | None = None,
-    ):
-        self.source, self.target, self.rcs = source, target, rcs
-        self.seed = seed
-        self.max_rcs_tries = max_rcs_tries
-        self.pseudo_margins = pseudo_margins
-
-    def __len__(self) -> int:
-        # Nominal size, as the reference's |source|·|target|; the sampler ignores it.
-        return len(self.source) * (len(self.target) if self.target is not None else 1)
-
-    def draw(self, index: int) -> tuple[int, int | None, int | None, int, int]:
-        """(source index, RCS class or None, target index or None, source seed, target seed)."""
-        rng = np.random.default_rng([self.seed, index])
-        if self.rcs is not None:
-            class_id, name = self.rcs.sample(rng)
-            src_index: int = self.source.label_index[name]
-        else:
-            class_id, src_index = None, int(rng.integers(len(self.source)))
-        tgt_index = int(rng.integers(len(self.target))) if self.target is not None else None
-        src_seed, tgt_seed = (int(s) for s in rng.integers(2**63, size=2))
-        return src_index, class_id, tgt_index, src_seed, tgt_seed
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        src_index, class_id, tgt_index, src_seed, tgt_seed = self.draw(index)
-        image, label = self.source.read(src_index)
-        _seed_transform(self.source.transform, src_seed)
-        src_tf = _CropRecorder(self.source.transform)
-        for attempt in range(self.max_rcs_tries + 1):
-            src = self.source.make_item(src_index, image, label, src_tf)
-            if class_id is None or attempt == self.max_rcs_tries:
-                break
-            assert self.rcs is not None
-            if self.rcs.accepts(src["label"], class_id):
-                break
-        out = {
-            "src_img": src["img"],
-            "src_lbl": src["label"],
-            "src_crop": CropRecord(_relative(self.source, src_index), src_tf.box),
-            "index": torch.tensor(index),
-        }
-        if self.target is not None and tgt_index is not None:
-            _seed_transform(self.target.transform, tgt_seed)
-            tgt_image, _ = self.target.read(tgt_index)
-            tgt_tf = _CropRecorder(self.target.transform)
-            valid = None
-            if self.pseudo_margins is not None:  # at the file's size, before the pipeline
-                valid = margin_mask(*tgt_image.shape[:2], self.pseudo_margins)
-            tgt = self.target.make_item(tgt_index, tgt_image, valid, tgt_tf)
-            out["tgt_img"] = tgt["img"]
-            out["tgt_crop"] = CropRecord(_relative(self.target, tgt_index), tgt_tf.box)
-            if valid is not None:  # padding (255) would be invalid too; it never happens
-                out["tgt_valid"] = tgt["label"].eq(1).float()
-        return out
-
-
-def _relative(dataset: GTA5Dataset | CityscapesDataset, index: int) -> str:
-    return dataset.images[index].relative_to(dataset.root).as_posix()
-
-
-class InfiniteIndexSampler(Sampler[int]):
-    """Yields 0, 1, 2, ... from ``position`` forever; ``position`` is the resumable state.
-
-    Under DDP, rank ``r`` of ``W`` yields ``position + r``, ``position + r + W``, ...: per-rank
-    batches of ``B`` together hold exactly the samples of one single-process batch of ``B·W``.
-    ``position`` always counts the whole (global) stream, so it is the same on every rank.
-    It runs in the main process ahead of training by the loader's prefetch, so the datamodule
-    prefers the consumed count it reads from the batches (see ``UDADataModule.state_dict``).
-    """
-
-    def __init__(self, position: int = 0, rank: int = 0, num_replicas: int = 1):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"sampler rank {rank} must lie in [0, {num_replicas})")
-        self.position, self.rank, self.num_replicas = position, rank, num_replicas
-
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            index = self.position + self.rank
-            self.position += self.num_replicas
-            yield index
 
 
 def _check_crop_fits(dataset: Any, resize: tuple[int, int], crop: tuple[int, int]) -> None:
@@ -203,7 +72,8 @@ def _check_margins_fit(dataset: Any, margins: tuple[int, int, int, int]) -> None
 
 
 class UDADataModule(LightningDataModule):
-    """GTA5 -> Cityscapes data for UDA training and Cityscapes validation.
+    """Source -> target data for UDA training and target validation (GTA5 -> Cityscapes by
+    default; any two `DatasetFormat`s with the same classes).
 
     Train batch: ``src_img`` (B, 3, h, w) normalised, ``src_lbl`` (B, h, w) int64 (255 = ignore),
     ``tgt_img`` (B, 3, h, w) (absent with ``with_target=False``, for source-only runs),
@@ -213,16 +83,20 @@ class UDADataModule(LightningDataModule):
     int64 at full resolution, ``path``, ``ori_size``.
 
     Args:
-        source_root: GTA5 root (images/, labels/ with *_labelTrainIds.png, RCS json files).
-        target_root: Cityscapes root (leftImg8bit/, gtFine/ with *_labelTrainIds.png).
+        source_root: source dataset root (prepared: train-id labels, RCS json files).
+        target_root: target dataset root (train images; labelled ``val_split`` images).
+        source_format, target_format: built-in dataset format names (gta5, cityscapes, synthia,
+            acdc, acdc_flat, darkzurich) or paths of format YAMLs (`ssr.data.formats`).
+        eval_subsets: extra means of class subsets reported beside mIoU: a name ("synthia":
+            mIoU16, mIoU13) or {name: [train ids]}; None for none.
         source_resize, target_resize, test_resize: keep-ratio (long, short) scales (§4.1, §3.2);
             test_resize None keeps the val images' size.
         crop_size: (height, width) of both training crops.
         cat_max_ratio: source crop class-ratio limit (the target never uses one).
         rcs: rare class sampling parameters (``RCSConfig`` fields) or None for uniform sampling.
-        val_split: Cityscapes split used for validation and test.
+        val_split: target split used for validation and test.
         with_target: also load target training crops (False: source-only baseline).
-        align_label_to_image: deviation from the reference, see ``GTA5Dataset``.
+        align_label_to_image: deviation from the reference, see ``FolderDataset`` (source).
         seed: seed of the training sample stream; None = ``torch.initial_seed()`` at setup.
         pseudo_margins: HRDA's valid-pseudo-label mask: [top, bottom, left, right] pixels of the
             full target image whose pseudo-labels get weight 0 ([30, 240, 30, 30]), delivered as
@@ -247,9 +121,24 @@ class UDADataModule(LightningDataModule):
         align_label_to_image: bool = False,
         seed: int | None = None,
         pseudo_margins: Sequence[int] | None = None,
+        source_format: str = "gta5",
+        target_format: str = "cityscapes",
+        eval_subsets: str | Mapping[str, Sequence[int]] | None = None,
     ):
         super().__init__()
         self.source_root, self.target_root = str(source_root), str(target_root)
+        self.source_format, self.target_format = (
+            load_format(source_format),
+            load_format(target_format),
+        )
+        if self.source_format.classes != self.target_format.classes:
+            raise ConfigError(
+                f"data.source_format {self.source_format.name} and data.target_format "
+                f"{self.target_format.name} declare different classes; both domains must be "
+                "labelled with one class list"
+            )
+        self.classes: ClassSet = self.target_format.classes
+        self.eval_subsets = resolve_eval_subsets(eval_subsets)
         self.source_resize = pair_setting(source_resize, "data.source_resize")
         self.target_resize = pair_setting(target_resize, "data.target_resize")
         self.crop_size = pair_setting(crop_size, "data.crop_size")
@@ -267,7 +156,7 @@ class UDADataModule(LightningDataModule):
         self.next_index = 0
         self.rcs_sampler: RareClassSampler | None = None
         self.train_set: UDATrainDataset | None = None
-        self.val_set: CityscapesDataset | None = None
+        self.val_set: FolderDataset | None = None
         self._train_sampler: InfiniteIndexSampler | None = None
         self._consumed: int | None = None  # samples training has seen, from batch indices
 
@@ -277,21 +166,28 @@ class UDADataModule(LightningDataModule):
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._build_train_set()
         if self.val_set is None:
-            self.val_set = CityscapesDataset(
-                self.target_root, self.val_split, test_transform(self.test_resize), label=True
+            self.val_set = FolderDataset(
+                self.target_root,
+                self.target_format,
+                self.val_split,
+                test_transform(self.test_resize),
+                label_fit="strict",  # scored at full resolution: a size mismatch would shift it
             )
             self.val_set.check_pairs()
 
     def _build_train_set(self) -> UDATrainDataset:
-        source = GTA5Dataset(
+        source = FolderDataset(
             self.source_root,
+            self.source_format,
+            "train",
             source_train_transform(self.source_resize, self.crop_size, self.cat_max_ratio),
-            align_label_to_image=self.align_label_to_image,
+            label_fit="align" if self.align_label_to_image else None,
         )
         target = None
         if self.with_target:
-            target = CityscapesDataset(
+            target = FolderDataset(
                 self.target_root,
+                self.target_format,
                 "train",
                 target_train_transform(self.target_resize, self.crop_size),
                 label=False,
@@ -311,6 +207,7 @@ class UDADataModule(LightningDataModule):
                 min_crop_ratio=self.rcs_config.min_crop_ratio,
                 available=source.label_index.keys(),
                 seed=self.seed,
+                dataset=self.source_format.source,
             )
         return UDATrainDataset(
             source, target, self.rcs_sampler, self.seed, pseudo_margins=self.pseudo_margins

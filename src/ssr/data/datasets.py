@@ -1,4 +1,5 @@
-"""GTA5 and Cityscapes datasets in their converted on-disk layouts (docs/method.md §7.3-§7.5).
+"""Datasets in their converted on-disk layouts, one class for every `DatasetFormat`
+(docs/method.md §7.3-§7.5, docs/benchmarks.md).
 
 Images are read with OpenCV (BGR -> RGB uint8), labels with Pillow unchanged (train ids, 255 =
 ignore), as in mmseg (§4.1 step 1). File lists are sorted, so indices are stable across machines.
@@ -17,79 +18,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
+from ssr.data.files import DatasetError, image_size, read_image, read_label
+from ssr.data.formats import DatasetFormat, load_format
+from ssr.data.labels import NUM_CLASSES
 from ssr.data.transforms import test_transform
-from ssr.errors import UserError
 from ssr.io import find_files
 from ssr.model.inference import Inference
 
 Transform = Callable[..., dict[str, Any]]
 
 PREPARE_HINT = "python -m ssr.data.prepare {dataset} {root}"
-
-
-class DatasetError(UserError, RuntimeError):
-    """A dataset folder or file that cannot be used; the message names the path and the fix."""
-
-
-def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB image; raises DatasetError for a missing or undecodable file.
-
-    OpenCV refuses a truncated PNG but decodes a truncated JPEG with a grey lower part, so a JPEG
-    must end with its end-of-image marker (looked for in the file's last kilobyte).
-    """
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None or (Path(path).suffix.lower() in JPEG_SUFFIXES and not _jpeg_complete(path)):
-        raise DatasetError(
-            f"cannot read image {path} (missing, truncated or not an image); "
-            "restore it from the dataset archive or delete it"
-        )
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-JPEG_SUFFIXES = (".jpg", ".jpeg")
-
-
-def _jpeg_complete(path: Path) -> bool:
-    """Whether the JPEG's end-of-image marker FF D9 is there (entropy-coded data never holds
-    it: 0xFF bytes in it are stuffed); trailing padding after it is allowed."""
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        f.seek(max(f.tell() - 1024, 0))
-        return b"\xff\xd9" in f.read()
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image from its header alone (a cheap start-up check)."""
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except (OSError, UnidentifiedImageError) as err:
-        raise DatasetError(f"cannot read image {path} ({type(err).__name__}); restore it") from err
-
-
-def read_label(path: Path) -> np.ndarray:
-    """(H, W) uint8 train-id label read unchanged; rejects files that are not train-id maps."""
-    try:
-        with Image.open(path) as im:
-            label = np.array(im)  # a writable copy (torch warns on read-only arrays)
-    except (OSError, UnidentifiedImageError) as err:
-        raise DatasetError(
-            f"cannot read label {path} ({err.__class__.__name__}); "
-            "re-run the preparation CLI (python -m ssr.data.prepare) to rewrite it"
-        ) from err
-    if label.ndim != 2 or label.dtype != np.uint8:
-        raise DatasetError(
-            f"label {path} is not a single-channel 8-bit train-id PNG (shape {label.shape}, "
-            f"{label.dtype}); write it with python -m ssr.data.prepare"
-        )
-    bad = (label >= NUM_CLASSES) & (label != IGNORE_INDEX)
-    if bad.any():
-        raise DatasetError(
-            f"label {path} holds value {int(label[bad][0])}, not a train id (0..18 or 255); "
-            "was it converted from label ids? re-run python -m ssr.data.prepare"
-        )
-    return label
 
 
 def _check_root(root: Path, name: str, expected: str) -> None:
@@ -104,10 +42,10 @@ def _check_root(root: Path, name: str, expected: str) -> None:
 
 
 def _missing_label_error(
-    image: Path, label: Path, n_missing: int, raw_label: Path, prepare_hint: str
+    image: Path, label: Path, n_missing: int, raw_label: Path | None, prepare_hint: str
 ) -> DatasetError:
     more = f" (and {n_missing - 1} more)" if n_missing > 1 else ""
-    if raw_label.is_file():
+    if raw_label is not None and raw_label.is_file():
         return DatasetError(
             f"label {label} for image {image} not converted yet{more}; run {prepare_hint}"
         )
@@ -121,6 +59,7 @@ class _SegmentationFiles(Dataset):
 
     images: list[Path]
     labels: list[Path] | None
+    num_classes: int = NUM_CLASSES  # label values above it (but 255) are refused
 
     def __init__(self, transform: Transform | None):
         # Default: full-resolution normalised tensors, no geometry (the pipelines add it).
@@ -134,7 +73,8 @@ class _SegmentationFiles(Dataset):
         image = read_image(self.images[index])
         if self.labels is None:
             return image, None
-        return image, self.fit_label(image, read_label(self.labels[index]), index)
+        label = read_label(self.labels[index], self.num_classes)
+        return image, self.fit_label(image, label, index)
 
     def fit_label(self, image: np.ndarray, label: np.ndarray, index: int) -> np.ndarray:
         """Hook for image/label size mismatches; the base class leaves the pair as it is."""
@@ -164,111 +104,77 @@ class _SegmentationFiles(Dataset):
         return self.make_item(index, image, label)
 
 
-class GTA5Dataset(_SegmentationFiles):
-    """GTA5: ``images/NNNNN.png`` + ``labels/NNNNN_labelTrainIds.png`` (all frames, no split).
+class FolderDataset(_SegmentationFiles):
+    """One split of a dataset described by a `DatasetFormat` (images scanned recursively, sorted;
+    labels paired by the format's rule).
 
-    Image/label pairs of different sizes (a real GTA5 quirk, §7.5) are passed on unchanged by
-    default, so the pipeline rescales each on its own and the label ends up slightly
-    mis-registered, exactly as in the reference. ``align_label_to_image=True`` is a documented
-    deviation: the label is first resized (nearest) to the image size.
+    ``label_fit`` says what a label of another size than its image becomes: ``keep`` passes it on
+    unchanged (the pipeline rescales each on its own: GTA5's faithful quirk, §7.5), ``align``
+    resizes it (nearest) to the image first (a documented deviation), ``strict`` refuses it (a
+    mismatch would silently shift a full-resolution metric). ``label=False`` needs no label
+    folder at all (target training images, whose labels UDA never reads).
     """
 
     def __init__(
         self,
         root: str | Path,
-        transform: Transform | None = None,
-        align_label_to_image: bool = False,
-    ):
-        super().__init__(transform)
-        self.root = Path(root)
-        self.align_label_to_image = align_label_to_image
-        layout = "images/NNNNN.png and labels/NNNNN_labelTrainIds.png"
-        _check_root(self.root, "GTA5", layout)
-        image_dir, label_dir = self.root / "images", self.root / "labels"
-        for folder in (image_dir, label_dir):
-            if not folder.is_dir():
-                raise DatasetError(
-                    f"GTA5 root {self.root} has no {folder.name}/ folder; it must hold {layout}"
-                )
-        self.images = sorted(image_dir.glob("*.png"))
-        if not self.images:
-            raise DatasetError(f"no *.png images in {image_dir}; the root must hold {layout}")
-        self.labels = [label_dir / f"{p.stem}_labelTrainIds.png" for p in self.images]
-        present = {p.name for p in label_dir.glob("*_labelTrainIds.png")}
-        missing = [i for i, p in enumerate(self.labels) if p.name not in present]
-        if missing:
-            i = missing[0]
-            raise _missing_label_error(
-                self.images[i],
-                self.labels[i],
-                len(missing),
-                label_dir / self.images[i].name,
-                PREPARE_HINT.format(dataset="gta5", root=self.root),
-            )
-        self.label_index = {p.name: i for i, p in enumerate(self.labels)}
-
-    def fit_label(self, image: np.ndarray, label: np.ndarray, index: int) -> np.ndarray:
-        if self.align_label_to_image and label.shape != image.shape[:2]:
-            height, width = image.shape[:2]
-            return cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
-        return label
-
-
-class CityscapesDataset(_SegmentationFiles):
-    """Cityscapes: ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` (recursive scan, sorted) with
-    ``gtFine/{split}/{city}/*_gtFine_labelTrainIds.png``; ``label=False`` needs no gtFine at all
-    (the target training images, whose labels UDA never reads).
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
+        fmt: DatasetFormat | str,
         split: str = "train",
         transform: Transform | None = None,
         label: bool = True,
+        label_fit: str | None = None,
     ):
         super().__init__(transform)
+        self.format = fmt if isinstance(fmt, DatasetFormat) else load_format(fmt)
         self.root, self.split = Path(root), split
-        layout = (
-            f"leftImg8bit/{split}/CITY/*_leftImg8bit.png and "
-            f"gtFine/{split}/CITY/*_gtFine_labelTrainIds.png"
-        )
-        _check_root(self.root, "Cityscapes", layout)
-        image_dir = self.root / "leftImg8bit" / split
-        if not image_dir.is_dir():
+        self.num_classes = self.format.classes.num_classes
+        self.label_fit = label_fit or self.format.label_size
+        dirs = self.format.split(split)
+        if label and dirs.labels is None:
             raise DatasetError(
-                f"Cityscapes root {self.root} has no leftImg8bit/{split}/ folder; "
-                f"it must hold {layout}"
+                f"split {split} of dataset format {self.format.name} has no labels; "
+                "evaluate on a labelled split (e.g. val)"
             )
-        self.images = find_files(image_dir, "*_leftImg8bit.png")
+        name, layout = self.format.name, self.format.layout(split)
+        _check_root(self.root, name, layout)
+        self.images = []
+        for folder in dirs.images:
+            if not (self.root / folder).is_dir():
+                raise DatasetError(
+                    f"{name} root {self.root} has no {folder}/ folder; it must hold {layout}"
+                )
+            self.images += find_files(self.root / folder, f"*{self.format.image_suffix}")
         if not self.images:
             raise DatasetError(
-                f"no *_leftImg8bit.png images under {image_dir}; expected CITY/*_leftImg8bit.png"
+                f"no *{self.format.image_suffix} images under {self.root / dirs.images[0]}; "
+                f"{name} split {split} must hold {layout}"
             )
-        if not label:
-            self.labels = None
-            return
-        label_dir = self.root / "gtFine" / split
-        if not label_dir.is_dir():
-            raise DatasetError(
-                f"Cityscapes root {self.root} has no gtFine/{split}/ folder; extract gtFine there"
-            )
-        self.labels = [self._label_path(p, "labelTrainIds") for p in self.images]
-        missing = [i for i, p in enumerate(self.labels) if not p.is_file()]
+        self.labels = None
+        if label:
+            self._pair_labels(dirs.labels or ())
+
+    def _pair_labels(self, label_dirs: tuple[str, ...]) -> None:
+        for folder in label_dirs:
+            if not (self.root / folder).is_dir():
+                raise DatasetError(
+                    f"{self.format.name} root {self.root} has no {folder}/ folder; extract the "
+                    "labels there"
+                )
+        fmt = self.format
+        labels = [fmt.label_path(self.root, self.split, p) for p in self.images]
+        missing = [i for i, p in enumerate(labels) if not p.is_file()]
         if missing:
             i = missing[0]
-            raise _missing_label_error(
-                self.images[i],
-                self.labels[i],
-                len(missing),
-                self._label_path(self.images[i], "labelIds"),
-                PREPARE_HINT.format(dataset="cityscapes", root=self.root),
+            raw = fmt.raw_labels
+            raw_path = (
+                None
+                if raw is None
+                else fmt.label_path(self.root, self.split, self.images[i], raw.suffix)
             )
-
-    def _label_path(self, image: Path, kind: str) -> Path:
-        relative = image.relative_to(self.root / "leftImg8bit" / self.split)
-        stem = relative.name[: -len("_leftImg8bit.png")]
-        return self.root / "gtFine" / self.split / relative.parent / f"{stem}_gtFine_{kind}.png"
+            hint = PREPARE_HINT.format(dataset=fmt.source or fmt.name, root=self.root)
+            raise _missing_label_error(self.images[i], labels[i], len(missing), raw_path, hint)
+        self.labels = labels
+        self.label_index = {p.name: i for i, p in enumerate(labels)}
 
     def check_pairs(self) -> None:
         """Every image/label pair readable and of one size, from headers and a checksum pass
@@ -284,21 +190,54 @@ class CityscapesDataset(_SegmentationFiles):
                     f"cannot read label {label} ({type(err).__name__}: truncated or damaged?); "
                     "re-extract it or re-run python -m ssr.data.prepare"
                 ) from err
-            if image_size(image) != label_hw:
+            if self.label_fit == "strict" and image_size(image) != label_hw:
                 (h, w), (lh, lw) = image_size(image), label_hw
                 raise DatasetError(
                     f"label {label} is {lw}x{lh} but image {image} is {w}x{h}; re-extract the pair"
                 )
 
     def fit_label(self, image: np.ndarray, label: np.ndarray, index: int) -> np.ndarray:
-        # Cityscapes has no size quirk; a mismatch would silently shift the full-res metric.
-        if label.shape != image.shape[:2]:
-            assert self.labels is not None
-            raise DatasetError(
-                f"label {self.labels[index]} is {label.shape[1]}x{label.shape[0]} but image "
-                f"{self.images[index]} is {image.shape[1]}x{image.shape[0]}; re-extract the pair"
-            )
-        return label
+        if label.shape == image.shape[:2] or self.label_fit == "keep":
+            return label
+        if self.label_fit == "align":
+            height, width = image.shape[:2]
+            return cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
+        assert self.labels is not None
+        raise DatasetError(
+            f"label {self.labels[index]} is {label.shape[1]}x{label.shape[0]} but image "
+            f"{self.images[index]} is {image.shape[1]}x{image.shape[0]}; re-extract the pair"
+        )
+
+
+class GTA5Dataset(FolderDataset):
+    """GTA5: ``images/NNNNN.png`` + ``labels/NNNNN_labelTrainIds.png`` (all frames, no split).
+
+    Image/label pairs of different sizes (a real GTA5 quirk, §7.5) are passed on unchanged by
+    default, exactly as in the reference; ``align_label_to_image=True`` is a documented deviation.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Transform | None = None,
+        align_label_to_image: bool = False,
+    ):
+        fit = "align" if align_label_to_image else "keep"
+        super().__init__(root, "gta5", "train", transform, label=True, label_fit=fit)
+
+
+class CityscapesDataset(FolderDataset):
+    """Cityscapes: ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` (recursive scan, sorted) with
+    ``gtFine/{split}/{city}/*_gtFine_labelTrainIds.png``; pairs must have one size."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transform: Transform | None = None,
+        label: bool = True,
+    ):
+        super().__init__(root, "cityscapes", split, transform, label=label)
 
 
 class TestTimeViews(Dataset):

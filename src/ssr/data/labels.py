@@ -28,6 +28,22 @@ TRAIN_ID_TO_LABEL_ID: tuple[int, ...] = (
     7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33,
 )  # fmt: skip
 
+# SYNTHIA-RAND-CITYSCAPES class id (the R channel of its 16-bit labels) -> train id; every other
+# id (0 void, 13 parking slot, 14 road work, 22 lane marking) is ignored. Terrain (16), truck (18)
+# and train (20) are listed but never occur, so only 16 classes are trained (docs/benchmarks.md).
+SYNTHIA_ID_TO_TRAIN_ID: dict[int, int] = {
+    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13,
+    18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
+}  # fmt: skip
+
+# The class subsets SYNTHIA -> Cityscapes is reported on: the 16 classes SYNTHIA has (no terrain,
+# truck, train) and those 16 without wall, fence and pole. Means over them are taken directly from
+# the per-class IoUs (not as mIoU19 * 19 / 16).
+SYNTHIA_EVAL_SUBSETS: dict[str, tuple[int, ...]] = {
+    "mIoU16": (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18),
+    "mIoU13": (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18),
+}
+
 # Classes whose ImageNet features the feature distance preserves (DAFormer "things").
 THING_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 

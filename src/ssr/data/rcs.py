@@ -4,7 +4,7 @@ Source samples are drawn class-first: c ~ softmax((1 - f_c) / T) over the classe
 frequency f_c (T = 0.01 peaks it on the rarest classes), then a file uniformly among those with
 strictly more than ``min_pixels`` pixels of c at full resolution. A crop is accepted when it keeps
 more than ``min_pixels * min_crop_ratio`` pixels of c. The statistics come from
-``python -m ssr.data.prepare gta5 ROOT``.
+``python -m ssr.data.prepare FORMAT ROOT``.
 """
 
 from __future__ import annotations
@@ -17,25 +17,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssr.data.datasets import DatasetError
+from ssr.data.files import DatasetError
 from ssr.errors import ConfigError
 
 STATS_FILE = "sample_class_stats.json"
 SAMPLES_FILE = "samples_with_class.json"
 
 
-def _load_json(path: Path) -> Any:
+def _load_json(path: Path, dataset: str) -> Any:
     if not path.is_file():
         raise DatasetError(
             f"rare class sampling needs {path}, which does not exist; run "
-            f"python -m ssr.data.prepare gta5 {path.parent} (or disable RCS: data.rcs=null)"
+            f"python -m ssr.data.prepare {dataset} {path.parent} (or disable RCS: data.rcs=null)"
         )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DatasetError(
             f"{path} is not valid JSON ({err}); delete it and re-run "
-            f"python -m ssr.data.prepare gta5 {path.parent}"
+            f"python -m ssr.data.prepare {dataset} {path.parent}"
         ) from err
 
 
@@ -60,10 +60,11 @@ class RareClassSampler:
     """Draws (class, label file name) pairs for the source domain (§4.2).
 
     Args:
-        root: GTA5 root holding ``sample_class_stats.json`` and ``samples_with_class.json``.
+        root: source root holding ``sample_class_stats.json`` and ``samples_with_class.json``.
         temperature, min_pixels, min_crop_ratio: the RCS hyper-parameters of the paper.
         available: label file names the dataset actually has; candidates outside it are dropped.
         seed: seed of the generator used when ``sample`` gets none (its state is checkpointable).
+        dataset: the source's dataset format, named in the hints to (re-)run ``prepare``.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class RareClassSampler:
         min_crop_ratio: float = 0.5,
         available: Collection[str] | None = None,
         seed: int | None = None,
+        dataset: str = "gta5",
     ):
         if temperature <= 0:
             raise ConfigError(f"RCS temperature must be > 0, got {temperature}")
@@ -83,13 +85,13 @@ class RareClassSampler:
             min_pixels,
             min_crop_ratio,
         )
-        stats = _load_json(self.root / STATS_FILE)
-        samples_with_class = _load_json(self.root / SAMPLES_FILE)
+        stats = _load_json(self.root / STATS_FILE, dataset)
+        samples_with_class = _load_json(self.root / SAMPLES_FILE, dataset)
         self.classes, self.probs = class_probabilities(stats, temperature)
         if len(self.classes) == 0:
             raise DatasetError(
                 f"{self.root / STATS_FILE} lists no labelled pixels; re-run "
-                f"python -m ssr.data.prepare gta5 {self.root}"
+                f"python -m ssr.data.prepare {dataset} {self.root}"
             )
         # Files are matched to dataset items by label base name (§4.2), so the stats stay valid
         # when the dataset folder moves.

@@ -10,7 +10,7 @@ calls (one per loss group) followed by a single optimiser step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
@@ -18,7 +18,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from ssr.data.labels import CLASSES
 from ssr.errors import UserError
 from ssr.metrics import SegMetric
 from ssr.model.inference import Inference
@@ -125,6 +124,14 @@ class UDAModule(pl.LightningModule):
         self.capture_debug = False
         self.debug: dict[str, Tensor] | None = None
 
+    def configure_metrics(
+        self, class_names: Sequence[str], subsets: Mapping[str, Sequence[int]]
+    ) -> None:
+        """Score validation and test on the data's classes, with its class-subset means (e.g.
+        SYNTHIA's mIoU16 / mIoU13) reported beside mIoU."""
+        self.val_metric = SegMetric(class_names, subsets=subsets)
+        self.test_metric = SegMetric(class_names, subsets=subsets)
+
     def random_streams(self) -> dict[str, DACSMixing]:
         """The parts that own generators, whose states checkpoints keep (`ssr.run.rng`)."""
         return {"mixing": self.mixing} if self.mixing is not None else {}
@@ -157,11 +164,10 @@ class UDAModule(pl.LightningModule):
             logs |= self._supervised("mix_ce", mix, mixed.label, mixed.weight, sam_feats=sam_mix)
             del mix
             if self.masking is not None:  # MIC: masked target, teacher's labels, §5.2
-                aug = self.mixing.augment(xt, per_image=False)
-                masked = self.masking(aug, self.mixing.generator)
-                self._stash(mic_img=masked)
+                img, lbl, w = self.masking.inputs(xs, ys, xt, pl_lbl, pl_w, self.mixing)
+                self._stash(mic_img=img)
                 scale = self.masking.loss_weight
-                logs |= self._supervised("mic_ce", self._student(masked), pl_lbl, pl_w, scale=scale)
+                logs |= self._supervised("mic_ce", self._student(img), lbl, w, scale=scale)
             logs["pl_weight"] = pl_w.amax()  # the scalar q (rows outside the crop bands)
         self._flush_backward()
         opt.step()
@@ -282,9 +288,12 @@ class UDAModule(pl.LightningModule):
         result = metric.compute()
         metric.reset()
         logs = {f"{stage}/mIoU": result["mIoU"], f"{stage}/aAcc": result["aAcc"]}
-        for name in CLASSES:
-            if result["IoU"][name] is not None:
-                logs[f"{stage}/IoU/{name}"] = result["IoU"][name]
+        for name in metric.subsets:  # class-subset means (SYNTHIA: mIoU16, mIoU13), beside mIoU
+            if name in result:
+                logs[f"{stage}/{name}"] = result[name]
+        for name, iou in result["IoU"].items():  # the data's classes (configure_metrics)
+            if iou is not None:
+                logs[f"{stage}/IoU/{name}"] = iou
         self.log_dict(logs, sync_dist=False)
         return result
 

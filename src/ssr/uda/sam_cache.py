@@ -44,7 +44,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ssr import CONF_PATH
-from ssr.data.datasets import CityscapesDataset, GTA5Dataset, read_image
+from ssr.data.datasets import FolderDataset
+from ssr.data.files import read_image
 from ssr.data.transforms import test_transform
 from ssr.data.workers import worker_init
 from ssr.io import atomic_write, atomic_write_json, remove_stale_temps_in
@@ -148,7 +149,7 @@ def encode_full(
 class FullImages(Dataset):
     """(index, (3, H, W) normalised image) at the training resize, before any crop or flip."""
 
-    def __init__(self, dataset: GTA5Dataset | CityscapesDataset, indices: Sequence[int]):
+    def __init__(self, dataset: FolderDataset, indices: Sequence[int]):
         self.dataset, self.indices = dataset, list(indices)
 
     def __len__(self) -> int:
@@ -160,17 +161,18 @@ class FullImages(Dataset):
         return index, self.dataset.make_item(index, image, None)["img"]
 
 
-def _datasets(
-    cfg: DictConfig, domains: Sequence[str]
-) -> dict[str, GTA5Dataset | CityscapesDataset]:
+def _datasets(cfg: DictConfig, domains: Sequence[str]) -> dict[str, FolderDataset]:
     """The training images of each domain with the training resize (no crop, no flip)."""
     data, out = cfg.data, {}
-    if "source" in domains:
-        out["source"] = GTA5Dataset(data.source_root, test_transform(tuple(data.source_resize)))
-    if "target" in domains:
-        out["target"] = CityscapesDataset(
-            data.target_root, "train", test_transform(tuple(data.target_resize)), label=False
-        )
+    for domain in ("source", "target"):
+        if domain in domains:
+            out[domain] = FolderDataset(
+                data[f"{domain}_root"],
+                data[f"{domain}_format"],
+                "train",
+                test_transform(tuple(data[f"{domain}_resize"])),
+                label=False,
+            )
     return out
 
 

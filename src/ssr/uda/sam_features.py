@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssr.data.datamodule import CropRecord
+from ssr.data.stream import CropRecord
 from ssr.io import CheckpointError
 from ssr.uda.mixing import MixedBatch
 from ssr.uda.sam_encoder import SamEncoder

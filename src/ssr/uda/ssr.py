@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssr.data.datamodule import CropRecord
+from ssr.data.stream import CropRecord
 from ssr.errors import ConfigError
 from ssr.model.segmentor import Segmentor, View
 from ssr.uda.losses import seg_loss

@@ -47,7 +47,12 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ssr.data.synthetic import generate_prepared
 
     root = tmp_path_factory.mktemp("synthetic")
-    generate_prepared(root, num_source=8, num_target_train=4, num_target_val=2)
+    # Also in SYNTHIA's, ACDC's and Dark Zurich's formats (the gta/ and cityscapes/ bytes are the
+    # same with or without them), prepared like the real ones.
+    benchmarks = ["synthia", "acdc", "darkzurich"]
+    generate_prepared(
+        root, num_source=8, num_target_train=4, num_target_val=2, benchmarks=benchmarks
+    )
     return root
 
 

@@ -1,4 +1,4 @@
-"""`python -m ssr.data.synthetic OUT [--seed 0] [--num-source 200] ... [--force]`."""
+"""`python -m ssr.data.synthetic OUT [--seed 0] [--num-source 200] ... [--benchmarks ...]`."""
 
 from ssr.data.synthetic.writer import main
 

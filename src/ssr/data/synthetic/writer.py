@@ -2,6 +2,9 @@
 
 `synthetic.json` in OUT records the settings and is written first (complete=false) and last
 (complete=true), so a rerun can tell a finished set from an interrupted one or a foreign folder.
+The opt-in extra formats (SYNTHIA, ACDC, Dark Zurich, see `formats`) are recorded in it under
+`benchmarks` only when requested, so a default set's marker is unchanged; asking a complete set for
+more of them adds only those.
 """
 
 from __future__ import annotations
@@ -10,16 +13,19 @@ import argparse
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 from rich.console import Console
 from rich.progress import Progress
 
-from ssr.data.prepare import prepare_cityscapes, prepare_gta5
+from ssr.data.formats import load_format
+from ssr.data.prepare import prepare_cityscapes, prepare_dataset, prepare_gta5
+from ssr.data.synthetic.formats import BENCHMARK_DIRS, BENCHMARKS, format_jobs, write_format_job
 from ssr.data.synthetic.style import SOURCE_SIZE, TARGET_SIZE, make_sample
 from ssr.errors import UserError
 from ssr.io import atomic_write, atomic_write_json
@@ -40,6 +46,7 @@ TRAIN_CITIES: tuple[str, ...] = ("pixelstadt", "synthburg")  # sorted: file orde
 VAL_CITIES: tuple[str, ...] = ("renderdorf", "shaderhausen")
 MARKER_NAME = "synthetic.json"  # written first (complete=false) and last (complete=true)
 FORMAT_VERSION = 2  # bump when the rendered output changes, so old folders are not reused
+BASE_DIRS: tuple[str, ...] = ("gta", "cityscapes")  # always written; BENCHMARK_DIRS on request
 
 
 class SyntheticDataError(UserError, RuntimeError):
@@ -88,32 +95,62 @@ def _jobs(
     return jobs
 
 
-def _check_out(out: Path, params: dict, force: bool) -> bool:
-    """Decide what to do with OUT: True = generate into it, False = already generated."""
+class _Plan(NamedTuple):
+    """What a run writes into OUT: gta/ + cityscapes/ or not, which extra formats, the marker."""
+
+    base: bool
+    benchmarks: tuple[str, ...]
+    marker: dict
+
+
+def _dirs(benchmarks: Sequence[str]) -> list[str]:
+    """The folders of OUT that a set with these extra formats consists of."""
+    return [*BASE_DIRS, *(BENCHMARK_DIRS[b] for b in benchmarks)]
+
+
+def _refuse_foreign(out: Path, subs: Sequence[str], why: str) -> None:
+    """Never write into (or delete) a folder that no run of this generator recorded."""
+    for sub in subs:
+        if (out / sub).exists():
+            raise SyntheticDataError(
+                f"{out / sub} exists but was not written by ssr.data.synthetic ({why}); "
+                "refusing to touch it, choose an empty output folder"
+            )
+
+
+def _check_out(out: Path, params: dict, force: bool) -> _Plan | None:
+    """Decide what to do with OUT: a plan of what to write, or None = already generated."""
+    requested = tuple(params.get("benchmarks", ()))
+    full = _Plan(True, requested, params)
     if out.exists() and not out.is_dir():
         raise SyntheticDataError(f"output path {out} exists and is not a directory; pass a folder")
     if not out.is_dir() or not any(out.iterdir()):
-        return True
+        return full
     marker = out / MARKER_NAME
     try:
         previous = json.loads(marker.read_text()) if marker.is_file() else None
     except (OSError, ValueError):
         previous = {}  # an unreadable marker of ours: treat as an interrupted run
     if previous is None:
-        for sub in ("gta", "cityscapes"):
-            if (out / sub).exists():
-                raise SyntheticDataError(
-                    f"{out / sub} exists but was not written by ssr.data.synthetic (no "
-                    f"{MARKER_NAME}); refusing to touch it, choose an empty output folder"
-                )
+        _refuse_foreign(out, _dirs(requested), f"no {MARKER_NAME}")
         if force:
-            return True
+            return full
         raise SyntheticDataError(
             f"output folder {out} is not empty; choose an empty or new folder (or pass --force)"
         )
-    if previous.get("complete") and {k: previous.get(k) for k in params} == params and not force:
-        return False
-    same_settings = all(previous.get(k) == v for k, v in params.items() if k != "version")
+    if not isinstance(previous, dict):
+        previous = {}
+    had = tuple(b for b in BENCHMARKS if b in (previous.get("benchmarks") or ()))
+    settings = {k: v for k, v in params.items() if k != "benchmarks"}
+    same = {k: previous.get(k) for k in settings} == settings
+    if previous.get("complete") and same and not force:
+        new = tuple(b for b in requested if b not in had)
+        if not new:
+            return None
+        _refuse_foreign(out, _dirs(new)[len(BASE_DIRS) :], f"not in {MARKER_NAME}")
+        union = [b for b in BENCHMARKS if b in had or b in new]
+        return _Plan(False, new, {**settings, "benchmarks": union})
+    same_settings = all(previous.get(k) == v for k, v in settings.items() if k != "version")
     if previous.get("complete") and same_settings and previous.get("version") != params["version"]:
         force = True  # a set that only an older generator version wrote is ours to replace
     if not force:
@@ -121,13 +158,15 @@ def _check_out(out: Path, params: dict, force: bool) -> bool:
         raise SyntheticDataError(
             f"{out} holds a synthetic dataset from {what}; pass --force to regenerate it"
         )
-    for sub in ("gta", "cityscapes"):
+    ours = _dirs(had)  # what the marker says a run of this generator wrote
+    _refuse_foreign(out, [d for d in _dirs(requested) if d not in ours], f"not in {MARKER_NAME}")
+    for sub in ours:
         if (out / sub).exists():
             try:
                 shutil.rmtree(out / sub)
             except OSError as e:
                 raise SyntheticDataError(f"cannot delete {out / sub}: {e.strerror or e}") from e
-    return True
+    return full
 
 
 def _write_marker(out: Path, params: dict, complete: bool) -> None:
@@ -152,14 +191,22 @@ def generate(
     num_target_val: int = 50,
     force: bool = False,
     progress: bool = False,
+    benchmarks: Sequence[str] = (),
 ) -> bool:
-    """Write the synthetic source (GTA5 format) and target (Cityscapes format) sets under `out`.
+    """Write the synthetic source (GTA5 format) and target (Cityscapes format) sets under `out`,
+    and the same kind of scenes in the extra raw formats named in `benchmarks` ("synthia",
+    "acdc", "darkzurich": `synthia/`, `acdc/`, `dark_zurich/`; layouts and counts in `formats`).
 
     Returns False, writing nothing, when `out` already holds a complete set made with the same
-    settings; an existing non-empty `out` is otherwise refused unless `force` (which deletes only
-    the `gta/` and `cityscapes/` folders a previous run of this generator wrote).
+    settings and at least these benchmarks; a complete set with the same settings gets only the
+    missing benchmarks added. An existing non-empty `out` is otherwise refused unless `force`
+    (which deletes only the folders that a previous run of this generator recorded writing).
     """
     out = Path(out)
+    benchmarks = (benchmarks,) if isinstance(benchmarks, str) else benchmarks
+    unknown = sorted(set(benchmarks) - set(BENCHMARKS))
+    if unknown:
+        raise SyntheticDataError(f"benchmarks must be among {', '.join(BENCHMARKS)}, got {unknown}")
     for name, count in (
         ("num_source", num_source),
         ("num_target_train", num_target_train),
@@ -176,38 +223,52 @@ def generate(
         "source_size_hw": list(SOURCE_SIZE),
         "target_size_hw": list(TARGET_SIZE),
     }
-    if not _check_out(out, params, force):
+    if benchmarks:  # absent otherwise: markers of default sets stay as they were
+        params["benchmarks"] = [b for b in BENCHMARKS if b in benchmarks]
+    plan = _check_out(out, params, force)
+    if plan is None:
         return False
-    jobs = _jobs(out, num_source, num_target_train, num_target_val)
+    jobs = _jobs(out, num_source, num_target_train, num_target_val) if plan.base else []
+    extra = [
+        job
+        for b in plan.benchmarks
+        for job in format_jobs(out, b, num_source, num_target_train, num_target_val)
+    ]
+    folders = {p.parent for job in jobs for p in job[3:]}
+    folders |= {p.parent for job in extra for p in (job.image, job.label) if p is not None}
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for folder in sorted({p.parent for job in jobs for p in job[3:]}):
+        for folder in sorted(folders):
             folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SyntheticDataError(
             f"cannot create folders under {out}: {e.strerror or e}; choose a writable folder"
         ) from e
-    _write_marker(out, params, complete=False)
+    writes: list[Callable[[], None]] = [partial(_write_job, job, seed) for job in jobs]
+    writes += [partial(write_format_job, job, seed) for job in extra]
+    _write_marker(out, plan.marker, complete=False)
     if progress:
         with Progress(console=Console(stderr=True), transient=False) as bar:
-            task = bar.add_task("rendering synthetic scenes", total=len(jobs))
-            for job in jobs:
-                _write_job(job, seed)
+            task = bar.add_task("rendering synthetic scenes", total=len(writes))
+            for write in writes:
+                write()
                 bar.advance(task)
     else:
-        for job in jobs:
-            _write_job(job, seed)
-    _write_marker(out, params, complete=True)
+        for write in writes:
+            write()
+    _write_marker(out, plan.marker, complete=True)
     return True
 
 
 def generate_prepared(out: Path | str, nproc: int = 1, **settings: Any) -> bool:
-    """`generate` (same settings), then the real preparation of both sets (train-id labels, RCS
-    statistics): a root ready for training. Cheap to repeat; it repairs what an interruption
-    left. Returns whether images were written."""
+    """`generate` (same settings), then the real preparation of every set (train-id labels, RCS
+    statistics, label checks): a root ready for training. Cheap to repeat; it repairs what an
+    interruption left. Returns whether images were written."""
     written = generate(out, **settings)
     prepare_gta5(Path(out) / "gta", nproc)
     prepare_cityscapes(Path(out) / "cityscapes", nproc)
+    for benchmark in settings.get("benchmarks") or ():
+        prepare_dataset(load_format(benchmark), Path(out) / BENCHMARK_DIRS[benchmark], nproc)
     return written
 
 
@@ -221,16 +282,29 @@ def positive_int(text: str) -> int:
 
 @cli
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: `python -m ssr.data.synthetic OUT [--seed 0] [--num-source 200] ... [--force]`."""
+    """CLI: `python -m ssr.data.synthetic OUT [--seed 0] [--num-source 200] ... [--benchmarks
+    synthia acdc darkzurich] [--force]`."""
     parser = argparse.ArgumentParser(
         prog="python -m ssr.data.synthetic",
-        description="Write the synthetic GTA5-format source and Cityscapes-format target sets.",
+        description="Write the synthetic GTA5-format source and Cityscapes-format target sets, "
+        "and on request the same kind of scenes in SYNTHIA, ACDC and Dark Zurich format.",
     )
-    parser.add_argument("out", type=Path, help="output folder (gets gta/ and cityscapes/)")
+    parser.add_argument(
+        "out", type=Path, help="output folder (gets gta/, cityscapes/ and the --benchmarks ones)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-source", type=positive_int, default=200)
     parser.add_argument("--num-target-train", type=positive_int, default=100)
     parser.add_argument("--num-target-val", type=positive_int, default=50)
+    parser.add_argument(
+        "--benchmarks",
+        nargs="+",
+        choices=BENCHMARKS,
+        default=[],
+        help="also write these raw formats: synthia -> OUT/synthia (one image per source image), "
+        "acdc -> OUT/acdc (fog/night/rain/snow), darkzurich -> OUT/dark_zurich; added to a "
+        "complete OUT with the same settings",
+    )
     parser.add_argument("--force", action="store_true", help="regenerate a previous output")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -242,9 +316,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.num_target_val,
         force=args.force,
         progress=True,
+        benchmarks=args.benchmarks,
     )
     if not written:
         print(f"{args.out} already holds this synthetic dataset; nothing to do (--force redoes it)")
+        return 0
+    if args.benchmarks:  # possibly only added to an existing set: say what OUT holds
+        counts = (args.num_source, args.num_target_train, args.num_target_val)
+        extra = ", ".join(
+            f"{args.out / BENCHMARK_DIRS[b]} ({len(format_jobs(args.out, b, *counts))} {b} images)"
+            for b in BENCHMARKS
+            if b in args.benchmarks
+        )
+        took = time.perf_counter() - start
+        print(
+            f"done in {took:.1f}s: {extra}, beside {args.out / 'gta'} and {args.out / 'cityscapes'}"
+        )
         return 0
     total = args.num_source + args.num_target_train + args.num_target_val
     print(

@@ -8,7 +8,8 @@ Per image it writes `<stem>_trainIds.png` (uint8 train ids, scoreable with `ssr.
 `<stem>_color.png` and `<stem>_overlay.png`; with `confidence=true` also `<stem>_conf.png` (the
 max softmax probability as 16-bit PNG, value / 65535), with `encoding=cityscapes` also
 `<stem>_labelIds.png` (Cityscapes label ids, for the official evaluator and test server). A video
-gives `<stem>_overlay.mp4`.
+gives `<stem>_overlay.mp4`. With `format=acdc|darkzurich` it writes only the test server's
+submission folders and `<format>_submission.zip` instead (`ssr.submission`, docs/test-server.md).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from rich.progress import track
 from torch import nn
 
 from ssr import CONF_PATH
-from ssr.data.datasets import read_image
+from ssr.data.files import read_image
 from ssr.data.labels import colorize, train_ids_to_label_ids
 from ssr.data.transforms import rescale_size, test_transform
 from ssr.errors import UserError
@@ -38,6 +39,8 @@ from ssr.io import atomic_write, find_files
 from ssr.model.checkpoint import load_segmentor
 from ssr.model.inference import Inference
 from ssr.run.cli import cli, resolve_device
+from ssr.submission import check_request, confidence_map, prepare
+from ssr.submission import write as write_submission
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,6 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 OUTPUT_SUFFIXES = ("_trainIds.png", "_color.png", "_overlay.png", "_conf.png", "_labelIds.png")
 ENCODINGS = ("trainid", "cityscapes")
 MIN_SIDE = 32  # the backbone's output stride: a smaller image has no stage-4 feature
-CONF_SCALE = 65535  # <stem>_conf.png holds round(probability * CONF_SCALE) as uint16
 
 
 class PredictInputError(UserError, ValueError):
@@ -116,7 +118,7 @@ def predict_images(
             out_dir / f"{stem}_overlay.png": overlay(rgb, train_ids, alpha),
         }
         if conf is not None:
-            outputs[out_dir / f"{stem}_conf.png"] = np.rint(conf * CONF_SCALE).astype(np.uint16)
+            outputs[out_dir / f"{stem}_conf.png"] = confidence_map(conf)  # as Dark Zurich's
         if encoding == "cityscapes":
             outputs[out_dir / f"{stem}_labelIds.png"] = train_ids_to_label_ids(train_ids)
         for path, array in outputs.items():
@@ -189,6 +191,8 @@ def run(cfg: DictConfig) -> list[Path]:
     is_video = input_path.is_file() and suffix in VIDEO_SUFFIXES
     if cfg.encoding not in ENCODINGS:
         raise PredictInputError(f"encoding={cfg.encoding}; choose one of {', '.join(ENCODINGS)}")
+    fmt = cfg.get("format")  # a test-server submission (ssr.submission)
+    fmt = None if fmt is None else check_request(fmt, is_video, cfg.encoding, cfg.confidence)
     if is_video and (cfg.confidence or cfg.encoding != "trainid"):
         raise PredictInputError(
             "confidence and encoding apply to images; a video gives <stem>_overlay.mp4 only"
@@ -196,12 +200,15 @@ def run(cfg: DictConfig) -> list[Path]:
     output_dir = Path(cfg.output_dir)
     # Inputs are listed before the (possibly large) checkpoint is read, so mistakes fail fast.
     inputs = [] if is_video else collect_images(input_path, output_dir)
+    plan = None if fmt is None else prepare(fmt, [p for p, _ in inputs], input_path, output_dir)
     device = resolve_device(cfg.device)
     segmentor, _, _ = load_segmentor(cfg.ckpt_path, cfg.model, device)
     inference = instantiate(cfg.inference).for_model(segmentor)  # HRDA: its own protocol
     predictor = Predictor(segmentor, inference, device)
     if is_video:
         written = [predict_video(predictor, input_path, output_dir, cfg.overlay_alpha)]
+    elif plan is not None:
+        written = write_submission(plan, predictor, _progress)
     else:
         written = predict_images(predictor, inputs, cfg.overlay_alpha, cfg.confidence, cfg.encoding)
     log.info(f"Wrote {len(written)} files to {output_dir}")

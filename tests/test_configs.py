@@ -34,6 +34,11 @@ def config_names(group: str) -> list[str]:
 
 
 EXPERIMENTS = config_names("experiment")
+# The further benchmarks: a base experiment (daformer, mic_hrda, ...) with another data pair.
+BENCHMARK = [
+    e for e in EXPERIMENTS if e.endswith(("_synthia", "_acdc", "_darkzurich")) and "demo" not in e
+]
+BUILT = [e for e in EXPERIMENTS if e not in BENCHMARK]  # a benchmark builds as its base does
 PAPER = ["source_only", "daformer", "mic", "ssr", "mic_ssr"]
 MODELS = [f"daformer_mitb{i}" for i in range(6)]
 # Parameters of the network that ships (the student segmentor), docs/method.md §1-§2.
@@ -78,7 +83,7 @@ def random_weights(name: str, *overrides: str) -> DictConfig:
     return compose_cfg("train", f"experiment={name}", *random, *overrides)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", BUILT)
 def test_experiment_builds_its_uda_module(name: str) -> None:
     """The full module of every experiment, with random weights; paper-scale ones on the meta
     device (shapes and counts without allocating up to ~260 M parameters)."""
@@ -116,6 +121,40 @@ def test_experiment_builds_its_uda_module(name: str) -> None:
         assert trainable == shipped + SSR_TRAINABLE[variant]
         assert module.sam.stages == (0, 1, 2, 3)
         assert not any(k.startswith("sam.encoder.") for k in module.state_dict())
+
+
+def test_every_benchmark_has_its_four_methods() -> None:
+    for pair in ("synthia", "acdc", "darkzurich"):
+        methods = {e.removesuffix(f"_{pair}") for e in BENCHMARK if e.endswith(f"_{pair}")}
+        assert {"daformer", "mic", "ssr", "mic_ssr"} <= methods
+    hrda = {e for e in BENCHMARK if "hrda" in e}
+    assert hrda == {f"{m}_synthia" for m in ("hrda", "mic_hrda", "ssr_hrda", "mic_ssr_hrda")}
+
+
+@pytest.mark.parametrize("name", BENCHMARK)
+def test_benchmark_experiment_changes_only_its_data_and_documented_settings(name: str) -> None:
+    """docs/benchmarks.md: the GTA5 settings of the base experiment, the pair's data, and for
+    ACDC / Dark Zurich the 960x540 test scale and MIC's choices (no PL crop, mask mode separate)."""
+    base_name, _, pair = name.rpartition("_")
+    base = compose_cfg("train", f"experiment={base_name}")
+    cfg = compose_cfg("train", f"experiment={name}")
+    for key in ("model", "optim", "trainer"):
+        assert cfg[key] == base[key], key
+    assert cfg.data.crop_size == base.data.crop_size and cfg.data.rcs == base.data.rcs
+    uda = OmegaConf.to_container(base.uda)
+    hr = "hrda" in name
+    if pair == "synthia":
+        assert (cfg.data.source_format, cfg.data.eval_subsets) == ("synthia", "synthia")
+        assert list(cfg.data.source_resize) == ([2560, 1520] if hr else [1280, 760])
+        assert cfg.inference == base.inference
+    else:
+        assert (cfg.data.source_format, cfg.data.target_format) == ("cityscapes", pair)
+        assert list(cfg.data.source_resize) == [1024, 512]
+        assert list(cfg.data.target_resize) == list(cfg.inference.resize) == [960, 540]
+        if base.uda.masking is not None:
+            uda["teacher"]["ignore_top"] = uda["teacher"]["ignore_bottom"] = 0
+            uda["masking"]["mode"] = "separate"
+    assert OmegaConf.to_container(cfg.uda) == uda
 
 
 def test_fd_without_imagenet_weights_is_a_user_error() -> None:

@@ -28,14 +28,13 @@ from torch.utils.data import DataLoader
 
 from ssr import CONF_PATH
 from ssr.data.datasets import FolderDataset, TestTimeViews
-from ssr.data.files import read_label
+from ssr.data.files import non_train_id, read_label
 from ssr.data.formats import (
     DatasetFormat,
     check_num_classes,
     load_format,
     resolve_eval_subsets,
 )
-from ssr.data.labels import IGNORE_INDEX
 from ssr.data.workers import worker_init
 from ssr.errors import UserError
 from ssr.io import atomic_write_json, find_files
@@ -151,10 +150,10 @@ def evaluate_predictions(
                 f"{preds[stem]} is {pred.shape[::-1]} (W, H) but its ground truth {gt_path} is "
                 f"{gt.shape[::-1]}: predictions must be single-channel train ids at label size"
             )
-        bad = (pred >= num_classes) & (pred != IGNORE_INDEX)
-        if bad.any():
+        value = non_train_id(pred, num_classes)
+        if value is not None:
             raise EvalInputError(
-                f"{preds[stem]} holds value {int(pred[bad][0])}, not a train id "
+                f"{preds[stem]} holds value {value}, not a train id "
                 f"(0..{num_classes - 1} or 255): "
                 "it looks like Cityscapes label ids; score *_trainIds.png predictions"
             )

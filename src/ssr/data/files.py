@@ -73,11 +73,17 @@ def read_label(path: Path, num_classes: int = NUM_CLASSES) -> np.ndarray:
             f"label {path} is not a single-channel 8-bit train-id PNG (shape {label.shape}, "
             f"{label.dtype}); write it with python -m ssr.data.prepare"
         )
-    bad = (label >= num_classes) & (label != IGNORE_INDEX)
-    if bad.any():
+    value = non_train_id(label, num_classes)
+    if value is not None:
         raise DatasetError(
-            f"label {path} holds value {int(label[bad][0])}, not a train id "
+            f"label {path} holds value {value}, not a train id "
             f"(0..{num_classes - 1} or 255); "
             "was it converted from label ids? re-run python -m ssr.data.prepare"
         )
     return label
+
+
+def non_train_id(array: np.ndarray, num_classes: int = NUM_CLASSES) -> int | None:
+    """The first value of ``array`` that is neither a train id (0..num_classes-1) nor ignore."""
+    bad = (array >= num_classes) & (array != IGNORE_INDEX)
+    return int(array[bad][0]) if bad.any() else None

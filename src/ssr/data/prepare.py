@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from rich.progress import track
 
-from ssr.data.files import image_size, read_label
+from ssr.data.files import image_size, non_train_id, read_label
 from ssr.data.formats import DatasetFormat, RawLabels, check_num_classes, load_format
 from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr.data.raw_labels import decode
@@ -90,8 +90,7 @@ def _sound_output(src: Path, dst: Path, num_classes: int) -> np.ndarray | None:
             train_ids = np.asarray(out)
     except (OSError, UnidentifiedImageError, SyntaxError):
         return None
-    bad = (train_ids >= num_classes) & (train_ids != IGNORE_INDEX)
-    return None if bad.any() else train_ids
+    return None if non_train_id(train_ids, num_classes) is not None else train_ids
 
 
 def class_counts(train_ids: np.ndarray, num_classes: int = NUM_CLASSES) -> dict[int, int]:

@@ -101,6 +101,8 @@ def test_synthia_eval_subsets() -> None:
     assert resolve_eval_subsets({"mIoU2": [0, "13"]}) == {"mIoU2": (0, 13)}
     with pytest.raises(ConfigError, match="eval_subsets='cityscapes'"):
         resolve_eval_subsets("cityscapes")
+    with pytest.raises(ConfigError, match=r"eval_subsets=\[1, 2\]"):  # a list, not a mapping
+        resolve_eval_subsets([1, 2])
 
 
 # --- 2. 16-bit decoding --------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def test_builtin_formats_load() -> None:
         "acdc": None, "acdc_flat": None, "darkzurich": None,
     }  # fmt: skip
     assert {n: load_format(n).label_size for n in BUILTINS} == {
-        "gta5": "keep", "cityscapes": "strict", "synthia": "keep",
+        "gta5": "keep", "cityscapes": "strict", "synthia": "strict",
         "acdc": "strict", "acdc_flat": "strict", "darkzurich": "strict",
     }  # fmt: skip
     for name in ("acdc", "acdc_flat", "darkzurich"):  # labels already are train ids

@@ -439,3 +439,17 @@ def test_raw_suffix_equal_to_label_suffix_is_refused(
     fmt_path = write_format(tmp_path / "same.yaml", custom_format(raw_labels=raw_spec))
     argv = [str(fmt_path), str(tmp_path / "data"), "--num-classes", "3"]
     prepare_fails(argv, capsys, "raw_labels.suffix '_trainIds.png' ends with label_suffix")
+
+
+def test_statistics_of_another_format_are_not_replaced(
+    custom: tuple[Path, Path, dict[Path, np.ndarray]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Preparing a folder with a second format would replace the first one's RCS statistics (and
+    break its training): refused before anything is written."""
+    fmt_path, root, _ = custom
+    foreign = [{"0": 5, "file": "labels/train/0000_labelTrainIds.png"}]
+    (root / "sample_class_stats.json").write_text(json.dumps(foreign))
+    argv = [str(fmt_path), str(root), "--num-classes", "3", "--nproc", "1"]
+    prepare_fails(argv, capsys, "0000_labelTrainIds.png", "prepare a copy")
+    assert not list(root.rglob("*_trainIds.png"))
+    assert json.loads((root / "sample_class_stats.json").read_text()) == foreign

@@ -203,9 +203,3 @@ def test_bad_subset_value_names_the_file(tmp_path: Path, capsys: pytest.CaptureF
     assert exit_code(report.main, [str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "mIoU16 is 'high', expected a number or null" in err and "metrics.json" in err
-
-
-def test_subset_key_rule_matches_the_metric() -> None:
-    from ssr.metrics import SUBSET_NAME
-
-    assert report.SUBSET_KEY.pattern == SUBSET_NAME.pattern

@@ -14,6 +14,7 @@ from hydra.errors import InstantiationException
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ssr.data.formats import CITYSCAPES_CLASSES, ClassSet
 from ssr.model.segmentor import Prediction, Segmentor, View
 from ssr.run.cli import user_error
 from ssr.train import build_module
@@ -230,3 +231,28 @@ def test_a_multi_view_segmentor_trains_through_every_part(imagenet_file: Path) -
     } <= logged
     for name, p in module.model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_own_classes_set_the_metrics_and_fd(imagenet_file: Path) -> None:
+    """configure_classes: a head of the data's size; with an own class list FD must count the
+    data's thing classes and downscales labels of K > 19 classes (a 19-class default would
+    refuse label 20 mid-training)."""
+    names = tuple(f"c{i}" for i in range(21))
+    own = ClassSet(names, ((0, 0, 0),) * 21, thing_classes=(6, 7, 20))
+    module = build("demo_daformer", pretrained=imagenet_file)
+    with pytest.raises(UDAConfigError, match=r"set model\.decode_head\.num_classes=21"):
+        module.configure_classes(own, {})
+    module = build("demo_daformer", "model.decode_head.num_classes=21", pretrained=imagenet_file)
+    with pytest.raises(UDAConfigError, match=r"set uda.fd.classes to them or uda.fd=null"):
+        module.configure_classes(own, {})
+    module.fd.classes = [6, 7, 20]
+    module.configure_classes(own, {"mIoUx": [0, 20]})
+    assert module.val_metric.class_names == names and module.test_metric.subsets == {
+        "mIoUx": (0, 20)
+    }
+    label = torch.full((1, 64, 64), 20)
+    feats = module.model.backbone(torch.zeros(1, 3, 64, 64))
+    assert torch.isfinite(module.fd(feats[-1], torch.zeros(1, 3, 64, 64), label))
+    cityscapes = build("demo_daformer", pretrained=imagenet_file)
+    cityscapes.configure_classes(CITYSCAPES_CLASSES, {})  # Cityscapes: FD as configured
+    assert cityscapes.fd.classes == [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]

@@ -78,6 +78,16 @@ def atomic_write_json(path: str | Path, obj: Any, durable: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n", durable)
 
 
+def atomic_write_png(path: str | Path, image: Any, durable: bool = False) -> None:
+    """A PNG of a Pillow image or an array (uint8 (H, W) -> L, (H, W, 3) -> RGB, uint16 ->
+    I;16), written atomically; not fsynced by default: whoever wrote it can write it again."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    atomic_write(path, lambda f: image.save(f, format="PNG"), durable)
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch
 

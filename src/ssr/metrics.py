@@ -14,7 +14,6 @@ outside the subset (terrain, truck, train: never in SYNTHIA, yet predicted on Ci
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -22,7 +21,7 @@ import torch
 from rich.table import Table
 from torchmetrics import Metric
 
-from ssr.data.labels import CLASSES, IGNORE_INDEX
+from ssr.data.labels import CLASSES, IGNORE_INDEX, SUBSET_KEY
 
 SegResult: TypeAlias = dict[str, Any]
 """``SegMetric.compute()``: percentages under fixed keys plus one key per class subset.
@@ -37,16 +36,13 @@ A plain dict rather than a TypedDict because the subset keys are chosen at run t
 more (``"num_images"``). ``subset_keys`` lists the subset keys of any such dict.
 """
 
-SUBSET_NAME = re.compile(r"mIoU\w+")
-"""A subset mean's key: "mIoU" plus a suffix (mIoU16). The prefix is what tells a subset mean from
-any other top-level key in a result or a ``metrics.json`` (``iou_table``, ``ssr.report``)."""
 
 RESERVED_KEYS = frozenset({"mIoU", "IoU", "aAcc", "num_images"})
 
 
 def subset_keys(result: Mapping[str, Any]) -> list[str]:
     """The class-subset means in ``result`` (a ``compute()`` dict, maybe from JSON), in order."""
-    return [k for k in result if SUBSET_NAME.fullmatch(k)]
+    return [k for k in result if SUBSET_KEY.fullmatch(k)]
 
 
 def _check_subsets(
@@ -62,7 +58,7 @@ def _check_subsets(
         )
     checked: dict[str, tuple[int, ...]] = {}
     for name, indices in subsets.items():
-        if not isinstance(name, str) or name in RESERVED_KEYS or not SUBSET_NAME.fullmatch(name):
+        if not isinstance(name, str) or name in RESERVED_KEYS or not SUBSET_KEY.fullmatch(name):
             raise ValueError(
                 f"class subset name {name!r}: use 'mIoU' plus letters, digits or _ (e.g. "
                 f"'mIoU16'), not one of {sorted(RESERVED_KEYS)}"

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from PIL import Image
 from rich.console import Console
 from rich.progress import track
 from torch import nn
@@ -35,7 +34,7 @@ from ssr.data.files import read_image
 from ssr.data.labels import colorize, train_ids_to_label_ids
 from ssr.data.transforms import rescale_size, test_transform
 from ssr.errors import UserError
-from ssr.io import atomic_write, find_files
+from ssr.io import atomic_write_png, find_files
 from ssr.model.checkpoint import load_segmentor
 from ssr.model.inference import Inference
 from ssr.run.cli import cli, resolve_device
@@ -122,8 +121,7 @@ def predict_images(
         if encoding == "cityscapes":
             outputs[out_dir / f"{stem}_labelIds.png"] = train_ids_to_label_ids(train_ids)
         for path, array in outputs.items():
-            image = Image.fromarray(array)
-            atomic_write(path, lambda f, im=image: im.save(f, format="PNG"), durable=False)
+            atomic_write_png(path, array)
         written += list(outputs)
     return written
 

@@ -29,16 +29,12 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ssr.data.labels import CLASSES
+from ssr.data.labels import CLASSES, SUBSET_KEY
 from ssr.errors import UserError
 from ssr.io import atomic_write_text, find_files
 from ssr.run.cli import cli
 
 METRICS_FILE = "metrics.json"
-
-# A class-subset mean's key, as `ssr.metrics.SUBSET_NAME` defines it (not imported from there:
-# ssr.metrics loads torch, which this CLI does not need).
-SUBSET_KEY = re.compile(r"mIoU\w+")
 
 
 class ReportError(UserError, RuntimeError):

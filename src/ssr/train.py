@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ssr import CONF_PATH
-from ssr.data.formats import check_num_classes
 from ssr.errors import ConfigError, int_setting
 from ssr.io import atomic_write_json
 from ssr.metrics import iou_table
@@ -77,8 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(f"Validation images at the model's test scale: {module.inference!r}")
         datamodule.test_resize, datamodule.val_set = module.inference.resize, None
         datamodule.setup("validate")
-    check_num_classes(datamodule.target_format, module.model.num_classes)
-    module.configure_metrics(datamodule.classes.names, datamodule.eval_subsets)
+    module.configure_classes(datamodule.classes, datamodule.eval_subsets)
     _check_crop_rows(cfg, module)
     _check_detail_view(cfg, module)
     if resume is not None:  # before any logger or callback writes into the run folder

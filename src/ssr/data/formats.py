@@ -355,4 +355,6 @@ def resolve_eval_subsets(
         if value != "synthia":
             raise ConfigError(f"eval_subsets={value!r}: use synthia, null or {{mIoU<name>: [ids]}}")
         return dict(SYNTHIA_EVAL_SUBSETS)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"eval_subsets={value!r}: use synthia, null or {{mIoU<name>: [ids]}}")
     return {str(k): tuple(int(c) for c in v) for k, v in value.items()}

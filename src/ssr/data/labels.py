@@ -5,6 +5,8 @@ Everything that names a class or maps a label id reads it from here.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 IGNORE_INDEX = 255
@@ -43,6 +45,9 @@ SYNTHIA_EVAL_SUBSETS: dict[str, tuple[int, ...]] = {
     "mIoU16": (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18),
     "mIoU13": (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18),
 }
+
+# The key of a class-subset mean in results and metrics.json: "mIoU" plus a suffix (mIoU16).
+SUBSET_KEY = re.compile(r"mIoU\w+")
 
 # Classes whose ImageNet features the feature distance preserves (DAFormer "things").
 THING_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)

@@ -22,6 +22,7 @@ is written to a temporary name first and moved into place (``ssr.io.atomic_write
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -39,7 +40,7 @@ from ssr.data.formats import DatasetFormat, RawLabels, check_num_classes, load_f
 from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr.data.raw_labels import decode
 from ssr.errors import UserError
-from ssr.io import atomic_write, atomic_write_json, find_files, remove_stale_temps_in
+from ssr.io import atomic_write_json, atomic_write_png, find_files, remove_stale_temps_in
 from ssr.run.cli import cli
 
 START_METHOD = "forkserver" if "forkserver" in get_all_start_methods() else "spawn"
@@ -47,12 +48,6 @@ START_METHOD = "forkserver" if "forkserver" in get_all_start_methods() else "spa
 
 class PrepareError(UserError, RuntimeError):
     """An input that cannot be converted; the message names the file and the fix."""
-
-
-def _write_png_atomic(array: np.ndarray, path: Path) -> None:
-    """An 8-bit (mode L) PNG; an interrupted run never leaves a half-written label behind."""
-    image = Image.fromarray(array.astype(np.uint8, copy=False))
-    atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)
 
 
 class Converted(NamedTuple):
@@ -77,7 +72,7 @@ def convert_label(
     if existing is not None:
         return Converted(existing, False, not (existing != IGNORE_INDEX).any())
     train_ids = decode(src, raw)
-    _write_png_atomic(train_ids, dst)
+    atomic_write_png(dst, train_ids.astype(np.uint8, copy=False))  # never half a label
     return Converted(train_ids, existed, not (train_ids != IGNORE_INDEX).any())
 
 
@@ -224,6 +219,8 @@ def prepare_dataset(
             f"{root / first} does not exist; ROOT must hold {fmt.name}'s labels "
             f"({fmt.layout(next(s for s, d in fmt.splits.items() if d.labels))})"
         )
+    if fmt.rcs_split in splits:  # before anything is written
+        _check_foreign_statistics(root, fmt.label_suffix)
     total = 0
     for split in splits:
         tasks, images = _split_tasks(fmt, root, split)
@@ -267,6 +264,21 @@ def _write_rcs_statistics(root: Path, results: list[Any]) -> None:
     atomic_write_json(root / "sample_class_stats.json", stats)
     atomic_write_json(root / "sample_class_stats_dict.json", stats_dict)
     atomic_write_json(root / "samples_with_class.json", with_class)
+
+
+def _check_foreign_statistics(root: Path, label_suffix: str) -> None:
+    """Statistics of labels with another suffix in ROOT come from another format's preparation of
+    this folder: replacing them would break that dataset's rare class sampling."""
+    path = root / "sample_class_stats.json"
+    try:
+        old = json.loads(path.read_text())[0]["file"] if path.is_file() else None
+    except (ValueError, KeyError, IndexError, TypeError):
+        return  # unreadable: ours to rewrite
+    if isinstance(old, str) and not old.endswith(label_suffix):
+        raise PrepareError(
+            f"{path} holds the rare-class statistics of other labels ({old}, not "
+            f"*{label_suffix}): another format prepared this folder; prepare a copy instead"
+        )
 
 
 def prepare_gta5(root: Path, nproc: int) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ssr.data.labels import THING_CLASSES
+from ssr.data.labels import NUM_CLASSES, THING_CLASSES
 from ssr.errors import UserError
 from ssr.uda.losses import feature_distance
 
@@ -47,6 +47,7 @@ class FeatureDistance(nn.Module):
             )
         self.weight = weight
         self.classes = list(classes)
+        self.num_classes = NUM_CLASSES  # the label's classes; the module sets the data's
         self.min_ratio = min_ratio
         self.imnet_backbone = copy.deepcopy(backbone).eval()
         self.imnet_backbone.requires_grad_(False)
@@ -62,5 +63,10 @@ class FeatureDistance(nn.Module):
         with torch.no_grad():
             imnet_feat = self.imnet_backbone(image)[-1]
         return feature_distance(
-            student_feat, imnet_feat, label, self.classes, min_ratio=self.min_ratio
+            student_feat,
+            imnet_feat,
+            label,
+            self.classes,
+            min_ratio=self.min_ratio,
+            num_classes=self.num_classes,
         )

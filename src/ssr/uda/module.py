@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from ssr.data.formats import CITYSCAPES_CLASSES, ClassSet
 from ssr.errors import UserError
 from ssr.metrics import SegMetric
 from ssr.model.inference import Inference
@@ -124,13 +125,25 @@ class UDAModule(pl.LightningModule):
         self.capture_debug = False
         self.debug: dict[str, Tensor] | None = None
 
-    def configure_metrics(
-        self, class_names: Sequence[str], subsets: Mapping[str, Sequence[int]]
-    ) -> None:
-        """Score validation and test on the data's classes, with its class-subset means (e.g.
-        SYNTHIA's mIoU16 / mIoU13) reported beside mIoU."""
-        self.val_metric = SegMetric(class_names, subsets=subsets)
-        self.test_metric = SegMetric(class_names, subsets=subsets)
+    def configure_classes(self, classes: ClassSet, subsets: Mapping[str, Sequence[int]]) -> None:
+        """Train and score on the data's classes: validation and test report its class-subset
+        means (e.g. SYNTHIA's mIoU16 / mIoU13) beside mIoU; FD counts its thing classes."""
+        if self.model.num_classes != classes.num_classes:
+            raise UDAConfigError(
+                f"the data declares {classes.num_classes} classes but the model's head has "
+                f"{self.model.num_classes}; set model.decode_head.num_classes="
+                f"{classes.num_classes} or map the labels to the head's classes"
+            )
+        if self.fd is not None and classes != CITYSCAPES_CLASSES:
+            if list(self.fd.classes) != list(classes.thing_classes):
+                raise UDAConfigError(
+                    f"uda.fd.classes {list(self.fd.classes)} are Cityscapes' things, not the "
+                    f"data's thing_classes {list(classes.thing_classes)}; set "
+                    "uda.fd.classes to them or uda.fd=null"
+                )
+            self.fd.num_classes = classes.num_classes
+        self.val_metric = SegMetric(classes.names, subsets=subsets)
+        self.test_metric = SegMetric(classes.names, subsets=subsets)
 
     def random_streams(self) -> dict[str, DACSMixing]:
         """The parts that own generators, whose states checkpoints keep (`ssr.run.rng`)."""

@@ -34,7 +34,7 @@ from ssr.data.labels import SYNTHIA_ID_TO_TRAIN_ID, THING_CLASSES, label_ids_to_
 from ssr.data.synthetic.canvas import Lid, Mat, Scene
 from ssr.data.synthetic.layout import sample_scene
 from ssr.data.synthetic.style import SOURCE_STYLE, TARGET_STYLE, render
-from ssr.io import atomic_write
+from ssr.io import atomic_write, atomic_write_png
 
 BENCHMARKS: tuple[str, ...] = ("synthia", "acdc", "darkzurich")  # the order of the marker
 BENCHMARK_DIRS: dict[str, str] = {"synthia": "synthia", "acdc": "acdc", "darkzurich": "dark_zurich"}
@@ -225,10 +225,10 @@ def format_jobs(
     raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
 
 
-def _save_png(path: Path, array: np.ndarray) -> None:
-    """Atomic, like the GTA5/Cityscapes files, not fsynced (a rerun remakes it); OpenCV, the
-    common encoder that writes 16-bit 3-channel PNGs, so colour arrays are BGR."""
-    ok, data = cv2.imencode(".png", np.ascontiguousarray(array))
+def _save_synthia_label(path: Path, bgr: np.ndarray) -> None:
+    """A 16-bit 3-channel PNG, which Pillow cannot write: OpenCV's encoder, so the array is BGR
+    (the class id in index 2 = the PNG's R channel); atomic, not fsynced (a rerun remakes it)."""
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(bgr))
     if not ok:
         raise ValueError(f"OpenCV cannot encode {path.name} as PNG")
     atomic_write(path, lambda f: f.write(data.tobytes()), durable=False)
@@ -237,8 +237,10 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 def write_format_job(job: FormatJob, seed: int) -> None:
     """Render one sample and write its image and, where the split has one, its raw label."""
     image, scene = make_format_sample(job.benchmark, job.look, job.split, job.index, seed)
-    _save_png(job.image, image[..., ::-1])
-    if job.label is not None:
-        is_synthia = job.benchmark == "synthia"
-        label = synthia_label(scene) if is_synthia else label_ids_to_train_ids(scene.label)
-        _save_png(job.label, label)
+    atomic_write_png(job.image, image)
+    if job.label is None:
+        return
+    if job.benchmark == "synthia":
+        _save_synthia_label(job.label, synthia_label(scene))
+    else:
+        atomic_write_png(job.label, label_ids_to_train_ids(scene.label))

@@ -28,7 +28,7 @@ from ssr.data.prepare import prepare_cityscapes, prepare_dataset, prepare_gta5
 from ssr.data.synthetic.formats import BENCHMARK_DIRS, BENCHMARKS, format_jobs, write_format_job
 from ssr.data.synthetic.style import SOURCE_SIZE, TARGET_SIZE, make_sample
 from ssr.errors import UserError
-from ssr.io import atomic_write, atomic_write_json
+from ssr.io import atomic_write_json, atomic_write_png
 from ssr.run.cli import cli
 
 # GTA5 label palette: index = Cityscapes label id 0..34 (note "static" is (20, 20, 20) in GTA5,
@@ -51,11 +51,6 @@ BASE_DIRS: tuple[str, ...] = ("gta", "cityscapes")  # always written; BENCHMARK_
 
 class SyntheticDataError(UserError, RuntimeError):
     """Bad output folder or arguments for the synthetic dataset generator."""
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    """Atomic, so an interrupted run never leaves half a PNG; not fsynced: a rerun remakes it."""
-    atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)
 
 
 def _gta_label_image(label: np.ndarray) -> Image.Image:
@@ -178,9 +173,9 @@ def _write_job(job: tuple[str, str, int, Path, Path], seed: int) -> None:
     """Render one sample and write its image and its label in the domain's raw format."""
     domain, split, index, image_path, label_path = job
     image, label = make_sample(domain, split, index, seed)
-    _save_png(Image.fromarray(image), image_path)
+    atomic_write_png(image_path, image)
     label_image = _gta_label_image(label) if domain == "source" else Image.fromarray(label)
-    _save_png(label_image, label_path)
+    atomic_write_png(label_path, label_image)
 
 
 def generate(

@@ -15,8 +15,9 @@ from PIL import Image
 
 from ssr.data.datamodule import UDADataModule, _check_crop_fits
 from ssr.data.datasets import image_size
+from ssr.data.scaling import rescale_size
 from ssr.data.stream import CropRecord
-from ssr.data.transforms import margin_mask, rescale_size
+from ssr.data.transforms import margin_mask
 from ssr.errors import ConfigError
 
 from helpers import compose_cfg, synthetic_data
@@ -135,7 +136,7 @@ def test_gta_hr_config_values_and_crop_fit(tmp_path: Path) -> None:
         [1024, 1024],
     )
     assert data.pseudo_margins == [30, 240, 30, 30] and data.test_resize is None
-    assert (data.batch_size, data.num_workers, data.cat_max_ratio) == (2, 1, 0.75)
+    assert (data.batch_size, data.num_workers, data.cat_max_ratio) == (2, 4, 0.75)
     assert dict(data.rcs) == {"temperature": 0.01, "min_pixels": 3000, "min_crop_ratio": 2.0}
     assert rescale_size(1052, 1914, (2560, 1440)) == (1407, 2560)  # not 1408
     assert rescale_size(1024, 2048, (2048, 1024)) == (1024, 2048)  # Cityscapes stays native

@@ -15,6 +15,7 @@ from PIL import Image
 from ssr.data import transforms as T
 from ssr.data.datasets import CityscapesDataset, read_image, read_label
 from ssr.data.labels import label_id_lut, label_ids_to_train_ids
+from ssr.data.scaling import rescale_size
 
 from helpers import FIXTURES, normalised
 
@@ -88,7 +89,19 @@ def test_real_gta_frame_resizes_to_1280x704(shared_fixtures: Path) -> None:
     ],
 )
 def test_rescale_size_uses_mmcv_rule(hw, scale, expected) -> None:
-    assert T.rescale_size(*hw, scale) == expected
+    assert rescale_size(*hw, scale) == expected
+    # idempotent: what makes a pre-resized copy give the on-the-fly pixels (ssr.data.resized)
+    assert rescale_size(*expected, scale) == expected
+
+
+def test_rescale_size_is_idempotent_for_any_size() -> None:
+    """Resizing a resized image again changes nothing, whichever side binds: a pre-resized copy
+    (prepare --resized) then trains on exactly the on-the-fly pixels."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        h, w, long, short = (int(v) for v in rng.integers(8, 3000, 4))
+        once = rescale_size(h, w, (long, short))
+        assert rescale_size(*once, (long, short)) == once, (h, w, long, short)
 
 
 def test_label_resize_is_nearest() -> None:

@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ssr.data.datamodule import UDADataModule
 from ssr.data.files import read_image
-from ssr.data.transforms import rescale_size, test_transform
+from ssr.data.scaling import rescale_size
+from ssr.data.transforms import test_transform
 from ssr.uda.sam_cache import tile_origins
 from ssr.uda.sam_encoder import SamEncoder
 from ssr.uda.sam_features import CachedSamFeatures, cache_file, cache_map_size, crop_features

@@ -32,7 +32,8 @@ from torch import nn
 from ssr import CONF_PATH
 from ssr.data.files import read_image
 from ssr.data.labels import colorize, train_ids_to_label_ids
-from ssr.data.transforms import rescale_size, test_transform
+from ssr.data.scaling import rescale_size
+from ssr.data.transforms import test_transform
 from ssr.errors import UserError
 from ssr.io import atomic_write_png, find_files
 from ssr.model.checkpoint import load_segmentor

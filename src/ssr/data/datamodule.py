@@ -27,10 +27,11 @@ from ssr.data.datasets import FolderDataset
 from ssr.data.files import image_size
 from ssr.data.formats import ClassSet, load_format, resolve_eval_subsets
 from ssr.data.rcs import RareClassSampler
+from ssr.data.resized import check_resized
+from ssr.data.scaling import rescale_size
 from ssr.data.stream import InfiniteIndexSampler, UDATrainDataset
 from ssr.data.transforms import (
     pseudo_margins_setting,
-    rescale_size,
     source_train_transform,
     target_train_transform,
     test_transform,
@@ -192,8 +193,12 @@ class UDADataModule(LightningDataModule):
                 target_train_transform(self.target_resize, self.crop_size),
                 label=False,
             )
-        for dataset, resize in ((source, self.source_resize), (target, self.target_resize)):
+        for dataset, resize, key in (
+            (source, self.source_resize, "data.source_resize"),
+            (target, self.target_resize, "data.target_resize"),
+        ):
             if dataset is not None:
+                check_resized(dataset.root, resize, key)  # a pre-resized copy: its own scale
                 _check_crop_fits(dataset, resize, self.crop_size)
         if target is not None and self.pseudo_margins is not None:
             _check_margins_fit(target, self.pseudo_margins)

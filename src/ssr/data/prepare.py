@@ -39,6 +39,7 @@ from ssr.data.files import image_size, non_train_id, read_label
 from ssr.data.formats import DatasetFormat, RawLabels, check_num_classes, load_format
 from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr.data.raw_labels import decode
+from ssr.data.resized import check_copy, copy_jobs, link, resize_file, write_marker
 from ssr.errors import UserError
 from ssr.io import atomic_write_json, atomic_write_png, find_files, remove_stale_temps_in
 from ssr.run.cli import cli
@@ -119,8 +120,10 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run(job: Callable[[Job], Any], tasks: list[Job], nproc: int, description: str) -> list[Any]:
+def _run(job: Callable[[Any], Any], tasks: list[Any], nproc: int, description: str) -> list[Any]:
+    """``job`` over ``tasks`` (NamedTuples with a ``dst`` file) with a progress bar."""
     for folder in sorted({Path(t.dst).parent for t in tasks}):  # an interrupted run's leftovers
+        folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temps_in(folder)
 
     def progress(results: Iterable[Any]) -> Iterator[Any]:
@@ -281,6 +284,20 @@ def _check_foreign_statistics(root: Path, label_suffix: str) -> None:
         )
 
 
+def resized_copy(
+    fmt: DatasetFormat, root: Path, out: Path, scale: tuple[int, int], splits: list[str], nproc: int
+) -> int:
+    """The pre-resized copy of ``root`` in ``out`` (`ssr.data.resized`); returns its file count."""
+    jobs, links = copy_jobs(fmt, root, out, scale, splits)
+    write_marker(out, fmt, root, scale, splits, complete=False)
+    for original, copy in links:
+        link(original, copy)
+    _run(resize_file, jobs, nproc, f"{fmt.name} resized to {scale[0]}x{scale[1]} ({len(jobs)})")
+    write_marker(out, fmt, root, scale, splits, complete=True)
+    print(f"{fmt.name}: {len(jobs)} files resized into {out}; point data.*_root at it")
+    return len(jobs)
+
+
 def prepare_gta5(root: Path, nproc: int) -> int:
     return prepare_dataset(load_format("gta5"), root, nproc)
 
@@ -316,18 +333,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", type=Path, help="dataset root (the folder you extracted)")
     parser.add_argument("--nproc", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument(
+        "--resized",
+        type=Path,
+        metavar="OUT",
+        help="also write a copy whose --splits are pre-resized to --scale (same training pixels)",
+    )
+    parser.add_argument(
+        "--scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="keep-ratio resize box"
+    )
+    parser.add_argument("--splits", nargs="+", default=["train"], help="splits to resize")
+    parser.add_argument(
         "--num-classes",
         type=int,
         default=NUM_CLASSES,
         help="outputs of the model's head (default 19, the shipped models)",
     )
     args = parser.parse_args(argv)
+    if (args.resized is None) != (args.scale is None):
+        parser.error("--resized OUT and --scale LONG SHORT go together")
+    if args.scale is not None and min(args.scale) <= 0:
+        parser.error(f"--scale {args.scale} must be two positive sizes (long, short)")
     fmt = load_format(args.format)
     root: Path = args.root
     if not root.is_dir():
         raise PrepareError(f"dataset root {root} does not exist; pass the folder you extracted")
+    if args.resized is not None:
+        check_copy(fmt, root, args.resized, args.splits)
     try:
         count = prepare_dataset(fmt, root, args.nproc, args.num_classes)
+        if args.resized is not None:
+            resized_copy(fmt, root, args.resized, tuple(args.scale), args.splits, args.nproc)
     except OSError as err:  # e.g. a read-only dataset folder
         where = err.filename or root
         raise PrepareError(f"cannot write to {where}: {err.strerror or err}") from err

@@ -20,18 +20,8 @@ import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 from ssr.data.labels import IGNORE_INDEX, MEAN, STD
+from ssr.data.scaling import keep_ratio_resize
 from ssr.errors import ConfigError, ints_setting
-
-
-def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """(new_height, new_width) of mmcv's keep-ratio ``imrescale`` for a (long, short) ``scale``.
-
-    The factor fits the long side into max(scale) and the short side into min(scale); each side
-    is then rounded half up, e.g. GTA5 1914x1052 with (1280, 720) -> 1280x704 (§4.1 step 2).
-    """
-    long_target, short_target = max(scale), min(scale)
-    factor = min(long_target / max(height, width), short_target / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 def pseudo_margins_setting(value: Any, name: str) -> tuple[int, int, int, int] | None:
@@ -70,17 +60,13 @@ class KeepRatioResize(A.DualTransform):
         self.scale = (int(scale[0]), int(scale[1]))
         self.resize_mask = resize_mask
 
-    def _resize(self, arr: np.ndarray, interpolation: int) -> np.ndarray:
-        height, width = rescale_size(arr.shape[0], arr.shape[1], self.scale)
-        if (height, width) == arr.shape[:2]:
-            return arr
-        return cv2.resize(arr, (width, height), interpolation=interpolation)
-
     def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
-        return self._resize(img, cv2.INTER_LINEAR)
+        return keep_ratio_resize(img, self.scale, cv2.INTER_LINEAR)
 
     def apply_to_mask(self, mask: np.ndarray, **params: Any) -> np.ndarray:
-        return self._resize(mask, cv2.INTER_NEAREST) if self.resize_mask else mask
+        if not self.resize_mask:
+            return mask
+        return keep_ratio_resize(mask, self.scale, cv2.INTER_NEAREST)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("scale", "resize_mask")

@@ -62,9 +62,12 @@ def _batch(size: int, batch: int) -> dict[str, Any]:
     }
 
 
-def one_step_trainer(device: str, precision: str = "32-true") -> pl.Trainer:
+def one_step_trainer(
+    device: str, precision: str = "32-true", callbacks: list[pl.Callback] | None = None
+) -> pl.Trainer:
     """A quiet trainer for exactly one optimiser step, without validation or checkpoints."""
     return pl.Trainer(
+        callbacks=callbacks,
         accelerator=device,
         devices=1,
         precision=precision,

@@ -42,11 +42,18 @@ class StepTimer(pl.Callback):
         self._start = (0.0, 0.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _sync(pl_module.device)
         self._start = (time.perf_counter(), time.process_time())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync(pl_module.device)  # a GPU step has ended when its queued kernels have
         self.wall.append(1e3 * (time.perf_counter() - self._start[0]))
         self.cpu.append(1e3 * (time.process_time() - self._start[1]))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def fit(

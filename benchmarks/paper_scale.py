@@ -104,6 +104,9 @@ def one_step(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     trainer.fit(module, DataLoader([batch], batch_size=None))
     result: dict[str, Any] = {"seconds": timer.wall[0] / 1e3, "crop": size}
+    # what a GPU holds before the step: student, teacher, ImageNet copy, SAM (fp32 weights)
+    tensors = [*module.parameters(), *module.buffers()]
+    result["weights_bytes"] = sum(t.numel() * t.element_size() for t in tensors)
     if device.type == "cuda":
         result["step_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     else:

@@ -148,3 +148,14 @@ def test_resized_copy_mistakes_are_one_line(
     assert np.array_equal(  # the original is untouched
         cv2.imread(str(copies["gta"] / "images" / "00001.png")).shape[:2], (176, 320)
     )
+
+
+def test_pixel_margins_refuse_a_resized_target(copies: dict[str, Path]) -> None:
+    """HRDA's pseudo-label margins are pixels of the full image: not of a resized copy."""
+    dm = UDADataModule(
+        str(copies["gta"]), str(copies["cityscapes_resized"]), source_resize=SOURCE_SCALE,
+        target_resize=TARGET_SCALE, crop_size=(64, 64), rcs={"min_pixels": 10}, seed=0,
+        pseudo_margins=(4, 30, 4, 4),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="pseudo_margins are pixels of the full target images"):
+        dm.setup("fit")

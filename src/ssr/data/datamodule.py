@@ -27,6 +27,7 @@ from ssr.data.datasets import FolderDataset
 from ssr.data.files import image_size
 from ssr.data.formats import ClassSet, load_format, resolve_eval_subsets
 from ssr.data.rcs import RareClassSampler
+from ssr.data.resized import MARKER as RESIZED_MARKER
 from ssr.data.resized import check_resized
 from ssr.data.scaling import rescale_size
 from ssr.data.stream import InfiniteIndexSampler, UDATrainDataset
@@ -201,6 +202,11 @@ class UDADataModule(LightningDataModule):
                 check_resized(dataset.root, resize, key)  # a pre-resized copy: its own scale
                 _check_crop_fits(dataset, resize, self.crop_size)
         if target is not None and self.pseudo_margins is not None:
+            if (target.root / RESIZED_MARKER).is_file():
+                raise ConfigError(
+                    f"data.pseudo_margins are pixels of the full target images, but "
+                    f"{target.root} is a pre-resized copy; train from the original target"
+                )
             _check_margins_fit(target, self.pseudo_margins)
         if self.seed is None:
             self.seed = torch.initial_seed()  # the global seed after seed_everything

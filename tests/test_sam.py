@@ -317,3 +317,22 @@ def test_sha256_verification_rejects_a_file_that_is_not_the_release(tmp_path: Pa
     fake.write_bytes(b"not the released file")
     with pytest.raises(SamCheckpointError, match="sha256"):
         SamEncoder(variant="vit_b", checkpoint=str(fake), verify_sha256=True)
+
+
+def test_bf16_speed_mode_keeps_fp32_features_close() -> None:
+    """uda.sam.encoder.bf16 (a deviation, off by default): SAM under bfloat16 autocast, its
+    features back in fp32 within bf16's precision; off, the encoder is exactly the default one."""
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain, fast = SamEncoder("tiny"), SamEncoder("tiny", bf16=True)
+    assert not plain.bf16
+    ref, out = plain(images), fast(images)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    rel = (out - ref).norm() / ref.norm()
+    assert 0 < rel < 0.03  # bf16 keeps 8 bits of mantissa: about 0.4 % per op
+    src, mix = fast.encode_pair(images[:1], images[1:])
+    assert torch.equal(torch.cat([src, mix]), out)
+    dtypes = []  # SAM's matmuls ran in bf16
+    fast.encoder.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    fast(images)
+    assert dtypes == [torch.bfloat16]
+    assert torch.equal(SamEncoder("tiny", bf16=False)(images), ref)

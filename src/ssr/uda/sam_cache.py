@@ -229,6 +229,7 @@ def build_cache(cfg: DictConfig) -> dict[str, Any]:
         "token_px": list(px),
         "stride": stride,
         "dtype": cfg.dtype,
+        **({"sam_bf16": True} if sam.bf16 else {}),  # features of SAM's bf16 speed mode
     }
     manifest = _start_manifest(root, settings)
     manifest["complete"] = False

@@ -265,6 +265,9 @@ class SamEncoder(nn.Module):
         verify_sha256: check the file against the official release's sha256 first (off by
             default: the values are corroborated third-party records, see SAM_VARIANTS).
         seed: initialisation seed of random weights (without checkpoint).
+        bf16: a speed mode and a deviation (off by default): SAM runs under bfloat16 autocast
+            while the student trains in fp32; its features come back in the input's dtype.
+            benchmarks/sam_bf16.py measures the feature error and the time at paper size.
     """
 
     def __init__(
@@ -273,8 +276,10 @@ class SamEncoder(nn.Module):
         checkpoint: str | None = None,
         verify_sha256: bool = False,
         seed: int = 0,
+        bf16: bool = False,
     ) -> None:
         super().__init__()
+        self.bf16 = bf16
         if verify_sha256 and checkpoint is not None and variant in SAM_VARIANTS:
             verify_sam_checkpoint(checkpoint, variant)
         self.encoder, mean, std = build_sam_encoder(variant, checkpoint, seed=seed)
@@ -310,13 +315,20 @@ class SamEncoder(nn.Module):
 
         no_grad rather than inference_mode: the features feed layers that are trained.
         """
-        return self.encoder(self._sam_input(images))
+        return self._encode(self._sam_input(images))
 
     @torch.no_grad()
     def encode_pair(self, src: Tensor, mix: Tensor) -> tuple[Tensor, Tensor]:
         """Source and mixed crops through SAM in one batch, split back (§6.3)."""
-        feats = self.encoder(torch.cat([self._sam_input(src), self._sam_input(mix)]))
+        feats = self._encode(torch.cat([self._sam_input(src), self._sam_input(mix)]))
         return feats[: src.shape[0]], feats[src.shape[0] :]
+
+    def _encode(self, images: Tensor) -> Tensor:
+        """SAM's forward; in the bf16 speed mode under bfloat16 autocast, returned in fp32."""
+        if not self.bf16:
+            return self.encoder(images)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16):
+            return self.encoder(images).to(images.dtype)
 
     def fingerprint(self) -> str:
         """sha256 of a few encoder tensors: tells features of another SAM file or seed apart."""

@@ -31,7 +31,7 @@ from PIL import Image
 from ssr.data.datamodule import UDADataModule
 from ssr.data.prepare import main as prepare_main
 from ssr.data.synthetic.style import make_sample
-from ssr.data.synthetic.writer import GTA_LABEL_PALETTE
+from ssr.data.synthetic.writer import gta_label_image
 from ssr.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,16 +48,13 @@ def photo(image: np.ndarray, size: tuple[int, int], rng: np.random.Generator) ->
 def write_pair(root: Path, frames: int) -> None:
     """GTA5 (palette labels of label ids) and Cityscapes (labelIds) trees at the real sizes."""
     rng = np.random.default_rng(0)
-    palette = [c for rgb in GTA_LABEL_PALETTE for c in rgb]
     for folder in ("gta/images", "gta/labels"):
         (root / folder).mkdir(parents=True)
     for i in range(frames):
         image, ids = make_sample("source", "train", i)
         Image.fromarray(photo(image, GTA_SIZE, rng)).save(root / f"gta/images/{i:05d}.png")
         big = cv2.resize(ids, (GTA_SIZE[1], GTA_SIZE[0]), interpolation=cv2.INTER_NEAREST)
-        label = Image.fromarray(big, mode="L").convert("P")
-        label.putpalette(palette + [0] * (768 - len(palette)))
-        label.save(root / f"gta/labels/{i:05d}.png")
+        gta_label_image(big).save(root / f"gta/labels/{i:05d}.png")
     for split, count in (("train", frames), ("val", 1)):
         for i in range(count):
             image, ids = make_sample("target", split, i)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from hrda_memory import _rss_bytes
-from ssr_cost_parts.common import StepTimer
+from ssr_cost_parts.common import StepTimer, sync
 from torch.utils.data import DataLoader
 from uda_memory import _batch, _compose, _imagenet_file, one_step_trainer
 
@@ -44,16 +44,11 @@ EXPERIMENTS = ("daformer", "ssr", "mic", "mic_ssr")
 BASE = {"ssr": "daformer", "mic_ssr": "mic", "ssr_hrda": "hrda", "mic_ssr_hrda": "mic_hrda"}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Any, device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 

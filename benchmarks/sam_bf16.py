@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from ssr_cost_parts.common import sync
 
 from ssr.data.labels import MEAN, STD
 from ssr.data.synthetic.style import make_sample
@@ -65,12 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.reps):
         for mode in times:
             encoder.bf16 = mode == "bf16"
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             start = time.perf_counter()
             feats[mode] = torch.cat(encoder.encode_pair(src, mix))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             times[mode].append(time.perf_counter() - start)
     ref, out = feats["fp32"].float(), feats["bf16"].float()
     tokens_ref, tokens_out = ref.flatten(2), out.flatten(2)

@@ -42,16 +42,17 @@ class StepTimer(pl.Callback):
         self._start = (0.0, 0.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        _sync(pl_module.device)
+        sync(pl_module.device)
         self._start = (time.perf_counter(), time.process_time())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        _sync(pl_module.device)  # a GPU step has ended when its queued kernels have
+        sync(pl_module.device)  # a GPU step has ended when its queued kernels have
         self.wall.append(1e3 * (time.perf_counter() - self._start[0]))
         self.cpu.append(1e3 * (time.process_time() - self._start[1]))
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for a GPU's queued kernels, so wall time covers them; nothing on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -54,7 +54,7 @@ class ClassSet:
 
     names: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
-    thing_classes: tuple[int, ...] = ()  # FD's "things"; () disables nothing by itself
+    thing_classes: tuple[int, ...] = ()  # the train ids FD preserves ImageNet features on
 
     @property
     def num_classes(self) -> int:

@@ -64,7 +64,7 @@ def check_copy(fmt: DatasetFormat, root: Path, out: Path, splits: Sequence[str])
             f"--resized writes lossless PNG copies, but {fmt.name}'s images are "
             f"*{fmt.image_suffix}; train from the original images"
         )
-    if out.resolve() == root.resolve() or out.resolve().is_relative_to(root.resolve()):
+    if out.resolve().is_relative_to(root.resolve()):  # the root itself too
         raise ResizedCopyError(f"--resized {out} must lie outside the dataset root {root}")
     if out.exists() and not out.is_dir():
         raise ResizedCopyError(f"--resized {out} is a file; name a folder")

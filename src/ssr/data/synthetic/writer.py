@@ -53,7 +53,7 @@ class SyntheticDataError(UserError, RuntimeError):
     """Bad output folder or arguments for the synthetic dataset generator."""
 
 
-def _gta_label_image(label: np.ndarray) -> Image.Image:
+def gta_label_image(label: np.ndarray) -> Image.Image:
     """GTA5's label format: a palette PNG whose index is the Cityscapes label id."""
     image = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
     palette = [c for rgb in GTA_LABEL_PALETTE for c in rgb]
@@ -174,7 +174,7 @@ def _write_job(job: tuple[str, str, int, Path, Path], seed: int) -> None:
     domain, split, index, image_path, label_path = job
     image, label = make_sample(domain, split, index, seed)
     atomic_write_png(image_path, image)
-    label_image = _gta_label_image(label) if domain == "source" else Image.fromarray(label)
+    label_image = gta_label_image(label) if domain == "source" else Image.fromarray(label)
     atomic_write_png(label_path, label_image)
 
 

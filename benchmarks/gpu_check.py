@@ -1,11 +1,15 @@
 """One-command GPU check: the paper-scale step benchmark in fp32 and bf16-mixed, a 50-step
-`experiment=mic_ssr` run on synthetic data at the paper's crop size (random weights), and its
+`experiment=mic_ssr` run on synthetic data at the paper's crop size (random weights) and its
 evaluation -- to catch device and dtype bugs (SAM on the wrong device, a dtype clash under
-autocast, the AMP scaler) in minutes, before a 40k-iteration run. Results:
-`<out-dir>/gpu_paper_scale_<precision>.json`, `gpu_check.json` and a Markdown summary
-`gpu_check.md`.
+autocast, the AMP scaler, host syncs inside the step) in minutes, before a 40k-iteration run --
+then, as time allows, the settings of the README's memory table and the speed modes (`extras`).
+Results: `<out-dir>/gpu_paper_scale_{32,bf16,extras}.json` (+ operator profiles of one daformer
+and one ssr step), `gpu_check.json` and a Markdown summary `gpu_check.md`, rewritten after each
+part so that an interrupted check keeps what it measured.
 
     python benchmarks/gpu_check.py                  # on one CUDA GPU, about 8 minutes
+    python benchmarks/gpu_check.py --parts extras   # one part (run fp32 bf16 extras), added to
+                                                    # an earlier gpu_check.json in --out-dir
     python benchmarks/gpu_check.py --smoke          # the same path on the CPU, tiny sizes (tests)
 """
 
@@ -27,7 +31,17 @@ from ssr.io import atomic_write_json, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = ("daformer", "ssr", "mic", "mic_ssr", "hrda", "ssr_hrda")
-PRECISIONS = ("32-true", "bf16-mixed")
+PARTS = {"run": None, "fp32": "32-true", "bf16": "bf16-mixed", "extras": "bf16-mixed"}
+# The memory table's settings and the speed modes, as variants of the bf16 step; the compiled
+# ones last (their first step compiles for a minute or more), so a time limit cuts them first.
+EXTRAS = (
+    "mic_ssr:uda.single_backward=true",
+    "mic_ssr:uda.sam.attention=explicit",
+    "daformer:uda.channels_last=true",
+    "ssr:uda.channels_last=true",
+    "daformer:uda.compile=true",
+    "ssr:uda.compile=true,uda.sam.encoder.compile=true",
+)
 
 
 def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess[str]:
@@ -39,14 +53,36 @@ def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def paper_scale(args: argparse.Namespace, precision: str) -> dict[str, Any] | None:
-    out = args.out_dir / f"gpu_paper_scale_{precision.split('-')[0]}.json"
+def paper_scale(args: argparse.Namespace, part: str, deadline: float) -> dict[str, Any] | None:
+    """One part's steps (`paper_scale.py`, a process per experiment): its summary, or None."""
+    out = args.out_dir / f"gpu_paper_scale_{part}.json"
+    experiments = (
+        args.experiments
+        if part != "extras"
+        else [
+            e
+            for e in EXTRAS
+            if not (args.smoke and "compile" in e)  # compiling: slow on a CPU
+        ]
+    )
     cmd = [sys.executable, str(HERE / "paper_scale.py"), "--device", args.device]
-    cmd += ["--precision", precision, "--experiments", *args.experiments, "--out", str(out)]
+    cmd += ["--precision", PARTS[part], "--experiments", *experiments, "--out", str(out)]
+    cmd += ["--time-limit", str(max(0.0, deadline - time.perf_counter()))]
+    if args.device == "cuda":  # past kernel selection and allocator growth
+        cmd += ["--warmup", "2", "--steps", "3"]
+    if part == "fp32":
+        cmd += ["--profile", "daformer", "ssr"]
     if args.smoke:
         cmd += ["--model", "daformer_tiny", "--sam", "tiny", "--size", "64"]
-    proc = _run(cmd, f"paper-scale steps, {precision}")
-    return json.loads(out.read_text())["summary"] if proc.returncode == 0 else None
+    _run(cmd, f"paper-scale steps, {part}")
+    if not out.is_file():
+        return None
+    result = json.loads(out.read_text())
+    steps = {s["experiment"]: s for s in result["steps"]}
+    summary = result.get("summary", {})
+    summary["host_syncs"] = {n: s["host_syncs"] for n, s in steps.items() if "host_syncs" in s}
+    summary["skipped"] = result.get("skipped", [])
+    return summary
 
 
 def short_run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -85,28 +121,46 @@ def short_run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return result
 
 
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.1f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# GPU check: {report['device']}", "", f"torch {report['torch']}", ""]
-    for precision, summary in report["paper_scale"].items():
-        lines += [f"## Paper-scale steps, {precision}", ""]
+    for part, summary in report["paper_scale"].items():
+        lines += [f"## Paper-scale steps, {part} ({PARTS[part]})", ""]
         if summary is None:
             lines += ["failed (see the console)", ""]
             continue
-        lines += ["| experiment | step (s) |", "|---|---:|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in summary["median_seconds"].items()]
+        lines += ["| experiment | step (s) | peak (GiB) | host syncs / step |"]
+        lines += ["|---|---:|---:|---:|"]
+        for name, seconds in summary["median_seconds"].items():
+            syncs = summary["host_syncs"].get(name, "—")
+            peak = _gib(summary["peak_bytes"][name])
+            lines.append(f"| {name} | {seconds:.3f} | {peak} | {syncs} |")
+        for name in summary.get("failed", []) + summary.get("skipped", []):
+            why = "failed" if name in summary.get("failed", []) else "skipped (time)"
+            lines.append(f"| {name} | {why} | | |")
         for key, value in summary.items():
             if "/" in key and "ratio" in value:
-                eff = value.get("efficiency")
-                extra = "" if eff is None else f", SSR overhead efficiency {eff:.2f}"
+                extra = ""
+                if value.get("efficiency") is not None:
+                    floor = value["floor_seconds"]
+                    extra = (
+                        f"; overhead {value['overhead_seconds']:.3f} s vs floor "
+                        f"{floor['floor']:.3f} s (SAM {floor['sam_forward']:.3f} + branches "
+                        f"{floor['branches']:.3f}): efficiency {value['efficiency']:.2f}"
+                    )
                 lines.append(f"\n{key}: {value['ratio']:.2f}x{extra}")
         lines.append("")
-    run = report["short_run"]
-    lines += [f"## {run['steps']}-step mic_ssr run", ""]
-    lines.append(f"train exit {run['train_exit']}, eval exit {run.get('eval_exit', '—')}")
-    if "eval_mIoU" in run:
-        lines.append(
-            f"mIoU after training {run['train_mIoU']:.2f}, re-evaluated {run['eval_mIoU']:.2f}"
-        )
+    run = report.get("short_run")
+    if run is not None:
+        lines += [f"## {run['steps']}-step mic_ssr run", ""]
+        lines.append(f"train exit {run['train_exit']}, eval exit {run.get('eval_exit', '—')}")
+        if "eval_mIoU" in run:
+            lines.append(
+                f"mIoU after training {run['train_mIoU']:.2f}, re-evaluated {run['eval_mIoU']:.2f}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -114,31 +168,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: the path alone")
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--time-limit", type=float, default=480, help="seconds for all parts")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
+    parts = list(args.parts)
     if args.smoke:
         args.device, args.experiments = "cpu", [e for e in args.experiments if "hrda" not in e]
-        precisions = ("32-true",)
+        parts = [p for p in parts if p != "bf16"]
     elif not torch.cuda.is_available():
         print("no CUDA GPU here; run with --smoke to check the path on the CPU", file=sys.stderr)
         return 2
     else:
-        args.device, precisions = "cuda", PRECISIONS
+        args.device = "cuda"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (smoke)"
     report: dict[str, Any] = {"device": device, "torch": torch.__version__, "paper_scale": {}}
+    earlier = args.out_dir / "gpu_check.json"
+    if earlier.is_file() and json.loads(earlier.read_text())["device"] == device:
+        report = json.loads(earlier.read_text())  # add this run's parts to an earlier check's
     start = time.perf_counter()
-    for precision in precisions:
-        report["paper_scale"][precision] = paper_scale(args, precision)
-    with tempfile.TemporaryDirectory() as tmp:
-        report["short_run"] = short_run(args, Path(tmp))
-    report["seconds"] = time.perf_counter() - start
-    atomic_write_json(args.out_dir / "gpu_check.json", report)
-    atomic_write_text(args.out_dir / "gpu_check.md", markdown(report))
+    deadline = start + args.time_limit
+    for part in parts:
+        part_start = time.perf_counter()
+        if part == "run":
+            with tempfile.TemporaryDirectory() as tmp:
+                report["short_run"] = short_run(args, Path(tmp))
+        else:
+            report["paper_scale"][part] = paper_scale(args, part, deadline)
+        report.setdefault("seconds", {})[part] = time.perf_counter() - part_start
+        atomic_write_json(args.out_dir / "gpu_check.json", report)
+        atomic_write_text(args.out_dir / "gpu_check.md", markdown(report))
     print(markdown(report))
-    failed = any(v is None for v in report["paper_scale"].values())
-    failed |= report["short_run"]["train_exit"] != 0 or report["short_run"].get("eval_exit") != 0
+    failed = any(v is None or v.get("failed") for v in report["paper_scale"].values())
+    run = report.get("short_run")
+    failed |= run is not None and (run["train_exit"] != 0 or run.get("eval_exit") != 0)
     return 1 if failed else 0
 
 

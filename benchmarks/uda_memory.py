@@ -63,15 +63,19 @@ def _batch(size: int, batch: int) -> dict[str, Any]:
 
 
 def one_step_trainer(
-    device: str, precision: str = "32-true", callbacks: list[pl.Callback] | None = None
+    device: str,
+    precision: str = "32-true",
+    callbacks: list[pl.Callback] | None = None,
+    max_steps: int = 1,
 ) -> pl.Trainer:
-    """A quiet trainer for exactly one optimiser step, without validation or checkpoints."""
+    """A quiet trainer for `max_steps` optimiser steps (one by default), without validation or
+    checkpoints."""
     return pl.Trainer(
         callbacks=callbacks,
         accelerator=device,
         devices=1,
         precision=precision,
-        max_steps=1,
+        max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -64,6 +64,11 @@ class UDAModule(pl.LightningModule):
         sam: builds SSR's regulariser from the backbone's stage widths; None = no SSR.
         single_backward: sum every loss group into one backward call instead of the reference's
             separate calls (same gradients, higher peak memory; benchmarks/uda_memory.py).
+        compile: a speed mode (off by default): `torch.compile` the student's backbone and head
+            in place (state dicts and checkpoints unchanged); the first steps pay for
+            compilation, and losses agree with eager mode to rounding (docs/method.md §10).
+        channels_last: a layout mode (off by default): every convolution weight of the student,
+            teacher, FD copy and SAM in channels-last memory order; same math, other kernels.
 
     `model_config` (the Hydra model config, set by `ssr.train.build_module`) is stored in
     checkpoints so that eval/export rebuild the student without being told the architecture.
@@ -80,6 +85,8 @@ class UDAModule(pl.LightningModule):
         masking: MaskedConsistency | None = None,
         sam: Callable[..., SSRRegularizer] | None = None,
         single_backward: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False  # separate backward per loss group, one step (§4.9)
@@ -92,7 +99,14 @@ class UDAModule(pl.LightningModule):
         if isinstance(optim, DictConfig):
             optim = OmegaConf.to_container(optim, resolve=True)  # type: ignore[assignment]
         check_optim_config(optim)
-        self.save_hyperparameters({"optim": dict(optim), "single_backward": single_backward})
+        self.save_hyperparameters(
+            {
+                "optim": dict(optim),
+                "single_backward": single_backward,
+                "compile": compile,
+                "channels_last": channels_last,
+            }
+        )
         self.model_config: dict[str, Any] | None = None
         self.model = segmentor
         self.optim_cfg = OmegaConf.create(optim)
@@ -115,6 +129,11 @@ class UDAModule(pl.LightningModule):
             else None
         )
         self.single_backward = single_backward
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        if compile:  # after the teacher and FD copies: only the trained network is compiled
+            self.model.backbone.compile()
+            self.model.decode_head.compile()
         self.val_metric = SegMetric()
         self.test_metric = SegMetric()
         self.test_results: dict[str, Any] | None = None

@@ -268,6 +268,8 @@ class SamEncoder(nn.Module):
         bf16: a speed mode and a deviation (off by default): SAM runs under bfloat16 autocast
             while the student trains in fp32; its features come back in the input's dtype.
             benchmarks/sam_bf16.py measures the feature error and the time at paper size.
+        compile: a speed mode (off by default): `torch.compile` SAM's encoder in place; its first
+            call pays for compilation.
     """
 
     def __init__(
@@ -277,6 +279,7 @@ class SamEncoder(nn.Module):
         verify_sha256: bool = False,
         seed: int = 0,
         bf16: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.bf16 = bf16
@@ -292,6 +295,8 @@ class SamEncoder(nn.Module):
         self.input_size: int = self.encoder.img_size  # fixed by SAM's absolute position embedding
         self.dim: int = self.encoder.neck[0].out_channels
         self.grid: int = self.input_size // self.encoder.patch_embed.proj.kernel_size[0]
+        if compile:
+            self.encoder.compile()
         self.register_state_dict_post_hook(_drop_own_state)
         self.register_load_state_dict_pre_hook(_keep_own_on_load)
 

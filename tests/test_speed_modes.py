@@ -9,6 +9,7 @@ import torch
 from test_uda_module import build, fit
 
 from ssr.uda.module import UDAModule
+from ssr.uda.transfer import to_device
 
 COMPILE = ("uda.compile=true", "uda.sam.encoder.compile=true")
 
@@ -68,3 +69,10 @@ def test_compiled_steps_match_eager_mode() -> None:
     weights = dict(eager_module.model.named_parameters())
     for name, p in module.model.named_parameters():
         torch.testing.assert_close(p, weights[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_to_device_converts_on_the_host_first_with_the_same_values() -> None:
+    x = torch.rand(5, dtype=torch.float64)
+    out = to_device(x, "cpu", torch.float32)
+    assert out.dtype == torch.float32 and torch.equal(out, x.to(torch.float32))
+    assert to_device(out, torch.device("cpu")) is out  # nothing to copy

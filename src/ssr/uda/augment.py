@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssr.data.labels import MEAN, STD
+from ssr.uda.transfer import to_device
 
 TWO_PI = 2.0 * math.pi
 
@@ -39,7 +40,7 @@ def sample_mix_classes(src_lbl: Tensor, rng: np.random.Generator) -> list[Tensor
     chosen = []
     for _ in range(src_lbl.shape[0]):
         idx = rng.choice(n, size=k, replace=False)
-        chosen.append(classes[torch.as_tensor(idx, dtype=torch.long, device=classes.device)])
+        chosen.append(classes[to_device(torch.as_tensor(idx, dtype=torch.long), classes.device)])
     return chosen
 
 
@@ -181,7 +182,7 @@ def sample_jitter_params(
 def apply_jitter(img01: Tensor, params: JitterParams) -> Tensor:
     """Apply the four kornia-0.5 operations to RGB [0, 1] images (B, 3, H, W) in `params.order`."""
     dev = img01.device
-    factors = [f.to(dev, torch.float32) for f in params[:4]]
+    factors = [to_device(f, dev, torch.float32) for f in params[:4]]
     out = img01.float()
     for k in range(4):
         ops_k = params.order[:, k].tolist()
@@ -190,7 +191,7 @@ def apply_jitter(img01: Tensor, params: JitterParams) -> Tensor:
             continue
         new = torch.empty_like(out)
         for op in set(ops_k):
-            idx = torch.tensor([i for i, o in enumerate(ops_k) if o == op], device=dev)
+            idx = to_device(torch.tensor([i for i, o in enumerate(ops_k) if o == op]), dev)
             new[idx] = JITTER_OPS[op](out[idx], factors[op][idx])
         out = new
     return out.to(img01.dtype)
@@ -291,8 +292,9 @@ def strong_augment(
     """
     out = img_norm
     if u_jitter > jitter_p:
-        m = torch.as_tensor(mean, dtype=img_norm.dtype, device=img_norm.device).reshape(1, 3, 1, 1)
-        s = torch.as_tensor(std, dtype=img_norm.dtype, device=img_norm.device).reshape(1, 3, 1, 1)
+        dev, dtype = img_norm.device, img_norm.dtype
+        m = to_device(torch.as_tensor(mean, dtype=dtype), dev).reshape(1, 3, 1, 1)
+        s = to_device(torch.as_tensor(std, dtype=dtype), dev).reshape(1, 3, 1, 1)
         img01 = (out * s + m) / 255.0
         img01 = color_jitter_k05(
             img01, strength, strength, strength, strength, generator, per_image_order
@@ -306,5 +308,5 @@ def strong_augment(
         else:
             dev = generator.device if generator is not None else torch.device("cpu")
             sigma = lo + (hi - lo) * torch.rand(n, generator=generator, device=dev)
-        out = gaussian_blur(out, sigma.to(out.device))
+        out = gaussian_blur(out, to_device(sigma, out.device))
     return out

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ssr.data.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr.model.segmentor import Box, Prediction
+from ssr.uda.transfer import to_device
 
 
 def _as_bhw(label: Tensor) -> Tensor:
@@ -140,7 +141,7 @@ def feature_distance(
             f"label {tuple(label.shape[-2:])} does not downscale by {scale} to the feature grid "
             f"{tuple(f_student.shape[-2:])}; the label size must be a multiple of it"
         )
-    things = torch.as_tensor(list(thing_classes), dtype=cells.dtype, device=cells.device)
+    things = to_device(torch.as_tensor(list(thing_classes), dtype=cells.dtype), cells.device)
     dist = torch.linalg.vector_norm(f_student - f_imnet.detach(), dim=1)  # (B, h, w)
     mask = torch.isin(cells, things).to(dist.dtype)
     return (dist * mask).sum() / mask.sum().clamp(min=1.0)

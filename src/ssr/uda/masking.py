@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ssr.errors import ConfigError
 from ssr.uda.mixing import DACSMixing
+from ssr.uda.transfer import to_device
 
 MODES = ("separatetrgaug", "separate")
 
@@ -64,7 +65,9 @@ class MaskedConsistency:
         cells = (b, 1, max(round(h / self.block_size), 1), max(round(w / self.block_size), 1))
         gen_device = generator.device if generator is not None else device
         u = torch.rand(cells, generator=generator, device=gen_device)
-        keep = (u > self.ratio).float().to(device)
+        keep = (u > self.ratio).float()
+        if device is not None:
+            keep = to_device(keep, device)
         return F.interpolate(keep, size=(h, w), mode="nearest")
 
     def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:

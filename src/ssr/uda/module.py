@@ -139,6 +139,7 @@ class UDAModule(pl.LightningModule):
         self.test_results: dict[str, Any] | None = None
         self.val_results: dict[str, Any] | None = None  # the latest validation (IoU plots)
         self._pending: list[Tensor] = []  # losses awaiting the single summed backward
+        self._terms: dict[str, Tensor] = {}  # this step's detached loss terms, checked at its end
         # Debug panels (ssr.run.panels.DebugImages) set `capture_debug` on the steps they draw;
         # only then does the step fill `debug` with detached CPU copies of its tensors.
         self.capture_debug = False
@@ -202,6 +203,7 @@ class UDAModule(pl.LightningModule):
                 logs |= self._supervised("mic_ce", self._student(img), lbl, w, scale=scale)
             logs["pl_weight"] = pl_w.amax()  # the scalar q (rows outside the crop bands)
         self._flush_backward()
+        self._check_finite()
         opt.step()
         sched.step()
         self._log_train(logs | {"lr": torch.tensor(sched.get_last_lr()[0])})
@@ -248,14 +250,9 @@ class UDAModule(pl.LightningModule):
     def _backward(
         self, losses: dict[str, Tensor], scale: float = 1.0, keep_graph: bool = False
     ) -> dict[str, Tensor]:
-        """Check every term, then one backward call of their sum (§4.9), or defer it to the single
-        summed one of `single_backward`. Returns the detached terms for logging."""
-        for name, loss in losses.items():
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss term '{name}' is {loss.item()} at step {self.global_step}; stopped "
-                    "before the optimiser step (the last saved checkpoint is untouched)"
-                )
+        """One backward call of the terms' sum (§4.9), or defer it to the single summed one of
+        `single_backward`. Returns the detached terms for logging; `_check_finite` checks them
+        before the optimiser step."""
         terms = list(losses.values())
         total = terms[0]
         for term in terms[1:]:
@@ -266,7 +263,22 @@ class UDAModule(pl.LightningModule):
             self._pending.append(total)
         else:
             self.manual_backward(total, retain_graph=keep_graph)
-        return {name: loss.detach() for name, loss in losses.items()}
+        detached = {name: loss.detach() for name, loss in losses.items()}
+        self._terms |= detached
+        return detached
+
+    def _check_finite(self) -> None:
+        """Stop before the optimiser step if a loss term is NaN/inf. One host sync for all terms,
+        at the end of the step: a check per term would stall the GPU's queue each time."""
+        terms, self._terms = self._terms, {}
+        finite = torch.isfinite(torch.stack([t.float() for t in terms.values()]))
+        if not bool(finite.all()):
+            flags = zip(terms.items(), finite.tolist(), strict=True)
+            name, value = next((n, t) for (n, t), ok in flags if not ok)
+            raise NonFiniteLossError(
+                f"loss term '{name}' is {value.item()} at step {self.global_step}; stopped "
+                "before the optimiser step (the last saved checkpoint is untouched)"
+            )
 
     def _flush_backward(self) -> None:
         """The single summed backward of `single_backward` mode (a no-op otherwise)."""

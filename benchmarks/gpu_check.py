@@ -146,10 +146,11 @@ def markdown(report: dict[str, Any]) -> str:
                 extra = ""
                 if value.get("efficiency") is not None:
                     floor = value["floor_seconds"]
+                    fusion = f", of which fusion {floor['fusion']:.3f}" if "fusion" in floor else ""
                     extra = (
                         f"; overhead {value['overhead_seconds']:.3f} s vs floor "
                         f"{floor['floor']:.3f} s (SAM {floor['sam_forward']:.3f} + branches "
-                        f"{floor['branches']:.3f}): efficiency {value['efficiency']:.2f}"
+                        f"{floor['branches']:.3f}{fusion}): efficiency {value['efficiency']:.2f}"
                     )
                 lines.append(f"\n{key}: {value['ratio']:.2f}x{extra}")
         lines.append("")

@@ -73,7 +73,8 @@ def ssr_floor(
     module: Any, batch: dict[str, Any], device: torch.device, warmup: int = 0, repeats: int = 1
 ) -> dict[str, float]:
     """What SSR adds by definition, measured alone: SAM on both crops, then per branch (source,
-    mixed) fusion + decode head + loss, forward and backward to the backbone features."""
+    mixed) fusion + decode head + loss, forward and backward to the backbone features; the
+    fusions are also timed alone (`decode` = branches - fusion)."""
     sam, model = module.sam, module.model
     xs, xt = batch["src_img"].to(device), batch["tgt_img"].to(device)
     label = batch["src_lbl"].to(device)
@@ -90,7 +91,14 @@ def ssr_floor(
         loss, _ = sam.enhanced_loss(model, views, leaves, sam_src, label)
         loss.backward()
 
+    def fusion() -> None:  # the branches' fusions alone (the rest of a branch is its decode)
+        leaves = [[f.clone().requires_grad_(True) for f in fs] for fs in feats]
+        fused = [sam.fuse(fs, sam_src) for fs in leaves]
+        sum(t.float().sum() for fs in fused for t in fs).backward()
+
     out["branches"] = 2 * _timed(branch, device, warmup, repeats)  # the source and mixed batch
+    out["fusion"] = 2 * _timed(fusion, device, warmup, repeats)
+    out["decode"] = out["branches"] - out["fusion"]
     out["floor"] = out["sam_forward"] + out["branches"]
     return out
 

@@ -34,6 +34,7 @@ def test_paper_scale_smoke(tmp_path: Path) -> None:
     ssr = summary["ssr/daformer"]
     floor = ssr["floor_seconds"]
     assert floor["floor"] == pytest.approx(floor["sam_forward"] + floor["branches"])
+    assert floor["branches"] == pytest.approx(floor["fusion"] + floor["decode"])
     assert ssr["ratio"] == pytest.approx(
         summary["median_seconds"]["ssr"] / summary["median_seconds"]["daformer"]
     )

@@ -43,7 +43,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hrda_memory import _rss_bytes
-from ssr_cost_parts.common import StepTimer, sync
+from ssr_cost_parts.common import StepTimer, sync, timed
 from torch.utils.data import DataLoader
 from uda_memory import _batch, _compose, _imagenet_file, one_step_trainer
 
@@ -55,18 +55,11 @@ EXPERIMENTS = ("daformer", "ssr", "mic", "mic_ssr")
 BASE = {"ssr": "daformer", "mic_ssr": "mic", "ssr_hrda": "hrda", "mic_ssr_hrda": "mic_hrda"}
 
 
-def _timed(fn: Any, device: torch.device, warmup: int, repeats: int) -> float:
+def _median_time(fn: Any, device: torch.device, warmup: int, repeats: int) -> float:
     """Median wall time of `repeats` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device)[0] for _ in range(repeats))
 
 
 def ssr_floor(
@@ -80,7 +73,7 @@ def ssr_floor(
     label = batch["src_lbl"].to(device)
     out: dict[str, float] = {}
     pair = lambda: sam.encoder.encode_pair(xs, xt)  # noqa: E731
-    out["sam_forward"] = _timed(pair, device, warmup, repeats)
+    out["sam_forward"] = _median_time(pair, device, warmup, repeats)
     sam_src, _ = pair()
     with torch.no_grad():
         views = model.train_views(xs)
@@ -96,8 +89,10 @@ def ssr_floor(
         fused = [sam.fuse(fs, sam_src) for fs in leaves]
         sum(t.float().sum() for fs in fused for t in fs).backward()
 
-    out["branches"] = 2 * _timed(branch, device, warmup, repeats)  # the source and mixed batch
-    out["fusion"] = 2 * _timed(fusion, device, warmup, repeats)
+    out["branches"] = 2 * _median_time(
+        branch, device, warmup, repeats
+    )  # the source and mixed batch
+    out["fusion"] = 2 * _median_time(fusion, device, warmup, repeats)
     out["decode"] = out["branches"] - out["fusion"]
     out["floor"] = out["sam_forward"] + out["branches"]
     return out
@@ -228,6 +223,7 @@ def summarise(steps: list[dict[str, Any]]) -> dict[str, Any]:
                 "ratio": median[name] / median[base],
                 "overhead_seconds": overhead,
                 "floor_seconds": floor,
+                "rest_seconds": overhead - floor["floor"],  # beyond the method's own work
                 "efficiency": floor["floor"] / overhead if overhead > 0 else None,
             }
     if "hrda" in median and "daformer" in median:

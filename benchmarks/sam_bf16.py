@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from ssr_cost_parts.common import sync
+from ssr_cost_parts.common import timed
 
 from ssr.data.labels import MEAN, STD
 from ssr.data.synthetic.style import make_sample
@@ -66,11 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.reps):
         for mode in times:
             encoder.bf16 = mode == "bf16"
-            sync(device)
-            start = time.perf_counter()
-            feats[mode] = torch.cat(encoder.encode_pair(src, mix))
-            sync(device)
-            times[mode].append(time.perf_counter() - start)
+            seconds, feats[mode] = timed(lambda: torch.cat(encoder.encode_pair(src, mix)), device)
+            times[mode].append(seconds)
     ref, out = feats["fp32"].float(), feats["bf16"].float()
     tokens_ref, tokens_out = ref.flatten(2), out.flatten(2)
     result = {

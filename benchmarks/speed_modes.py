@@ -20,7 +20,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,20 +28,12 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from sam_bf16 import crops
-from ssr_cost_parts.common import compose_cfg, device_name, sync
+from ssr_cost_parts.common import compose_cfg, device_name, timed
 
 from ssr.io import atomic_write_json
 from ssr.uda.sam_encoder import SamEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
 
 
 def _alternate(
@@ -51,10 +42,10 @@ def _alternate(
     """First call of each mode (compilation included) timed apart, then `reps` rounds."""
     first, outputs, times = {}, {}, {name: [] for name in modes}
     for name, fn in modes.items():
-        first[name], outputs[name] = _timed(fn, device)
+        first[name], outputs[name] = timed(fn, device)
     for _ in range(reps):
         for name, fn in modes.items():
-            seconds, outputs[name] = _timed(fn, device)
+            seconds, outputs[name] = timed(fn, device)
             times[name].append(seconds)
     summary = {
         "first_call_seconds": first,

@@ -35,6 +35,7 @@ def test_paper_scale_smoke(tmp_path: Path) -> None:
     floor = ssr["floor_seconds"]
     assert floor["floor"] == pytest.approx(floor["sam_forward"] + floor["branches"])
     assert floor["branches"] == pytest.approx(floor["fusion"] + floor["decode"])
+    assert ssr["rest_seconds"] == pytest.approx(ssr["overhead_seconds"] - floor["floor"])
     assert ssr["ratio"] == pytest.approx(
         summary["median_seconds"]["ssr"] / summary["median_seconds"]["daformer"]
     )
